@@ -1,0 +1,143 @@
+"""Llama-3.2-Vision (`MllamaForConditionalGeneration`): `model.vision_model` (local + global transformer),
+one Linear `model.multi_modal_projector`, and `model.language_model` whose layers are self-attention or
+cross-attention (`cross_attn.*`) decoder layers.
+
+On disk (hub layout): `language_model.model.*`, `language_model.lm_head.*`, `vision_model.*`,
+`multi_modal_projector.*`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Family
+
+# transformers/conversion_mapping.py: "MllamaModel" -> "LlavaModel", plus the top-level renames.
+DISK_TO_RUNTIME = (
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^vision_model\.", "model.vision_model."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+)
+
+SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|image|>",
+    "<|finetune_right_pad_id|>",
+)
+
+# The Llama 3 header format, assistant turns inside `{% generation %}`.
+CHAT_TEMPLATE = (
+    "<|begin_of_text|>"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|eot_id|>{% endgeneration %}"
+    "{% else %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}<|image|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot_id|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads, vision width, vision depth, vision heads
+    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
+    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
+}
+IMAGE_SIZE = 56
+MAX_TILES = 2
+
+
+def tiny_config(size: str, tokens: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    hidden, inter, layers, heads, kv, width, depth, vheads = SIZES[size]
+    intermediate_layers = [0]
+    return {
+        "model_type": "mllama",
+        "text_config": {
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv,
+            # Mllama's embedding table holds vocab_size + 8 rows; the tokenizer's last ids live there.
+            "vocab_size": vocab_size,
+            "cross_attention_layers": [layers - 1],
+            "max_position_embeddings": 4096,
+            "bos_token_id": tokens["<|begin_of_text|>"],
+            "eos_token_id": tokens["<|eot_id|>"],
+            "pad_token_id": tokens["<|finetune_right_pad_id|>"],
+        },
+        "vision_config": {
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": depth,
+            "num_global_layers": 1,
+            "attention_heads": vheads,
+            "image_size": IMAGE_SIZE,
+            "patch_size": 14,
+            "max_num_tiles": MAX_TILES,
+            "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+            "intermediate_layers_indices": intermediate_layers,
+            "vision_output_dim": width * (len(intermediate_layers) + 1),
+        },
+        "image_token_index": tokens["<|image|>"],
+        "tie_word_embeddings": False,
+    }
+
+
+def tiny_processor(tokenizer: Any, chat_template: str) -> Any:
+    from transformers import MllamaImageProcessor, MllamaProcessor
+
+    return MllamaProcessor(
+        image_processor=MllamaImageProcessor(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=MAX_TILES
+        ),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+    )
+
+
+FAMILY = Family(
+    name="mllama",
+    model_types=("mllama",),
+    architecture="MllamaForConditionalGeneration",
+    role_prefixes=(
+        ("projector", "model.multi_modal_projector"),
+        ("vision", "model.vision_model"),
+        ("embeddings", "model.language_model.embed_tokens"),
+        ("language", "model.language_model"),
+        ("lm_head", "lm_head"),
+    ),
+    lora_target_patterns={
+        "language": (
+            r"model\.language_model\.layers\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)"
+            r"|mlp\.(?:gate_proj|up_proj|down_proj))"
+        ),
+        "vision": (
+            r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+\."
+            r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:fc1|fc2))"
+        ),
+        "projector": r"model\.multi_modal_projector",
+    },
+    disk_to_runtime=DISK_TO_RUNTIME,
+    tiny_config=tiny_config,
+    tiny_processor=tiny_processor,
+    special_tokens=SPECIAL_TOKENS,
+    token_roles={
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "pad_token": "<|finetune_right_pad_id|>",
+    },
+    chat_template=CHAT_TEMPLATE,
+)

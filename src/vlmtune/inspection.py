@@ -1,0 +1,87 @@
+"""`vlmtune inspect`: what a folder is, and what vlmtune would do with it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint, families, modeling
+
+
+def inspect_model(path: str | Path) -> dict[str, Any]:
+    """Family, class, parameters and Linear layers by role, the default LoRA targets, tied embeddings.
+
+    Builds the module tree on the meta device, so it costs the same for 2 B and 90 B models.
+    """
+    folder = checkpoint.resolve(path, allow_patterns=["*.json", "*.jinja"])
+    config = checkpoint.read_config(folder)
+    family = families.detect(config)
+    model = modeling.meta_model(config)
+    linears = modeling.linear_layers(model, family)
+    by_role: dict[str, dict[str, int]] = {}
+    for layer in linears:
+        slot = by_role.setdefault(layer.role or "other", {"modules": 0, "params": 0})
+        slot["modules"] += 1
+        slot["params"] += layer.params
+    pattern = re.compile(family.default_target_regex)
+    targeted = [layer for layer in linears if pattern.fullmatch(layer.name)]
+    params = modeling.params_by_role(model, family)
+    report: dict[str, Any] = {
+        "kind": "model",
+        "path": str(path),
+        "family": family.name,
+        "architecture": type(model).__name__,
+        "model_type": config.get("model_type"),
+        "parameters": {"total": sum(params.values()), "by_role": params},
+        "linear_layers": by_role,
+        "default_lora_targets": {
+            "regex": family.default_target_regex,
+            "modules": len(targeted),
+            "params": sum(layer.params for layer in targeted),
+            "roles": sorted({layer.role or "other" for layer in targeted}),
+        },
+        "tied_embeddings": families.tied_embeddings(config),
+    }
+    try:
+        weights = checkpoint.tensor_index(folder)
+        report["weights"] = {
+            "files": len({t.file for t in weights.values()}),
+            "tensors": len(weights),
+            "bytes": sum(t.nbytes for t in weights.values()),
+            "dtypes": sorted({t.dtype for t in weights.values()}),
+            "layout": family.disk_layout(weights),
+        }
+    except checkpoint.CheckpointError as exc:
+        report["weights"] = {"error": str(exc)}
+    return report
+
+
+def inspect_path(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """Inspect a model folder or an adapter folder (the adapter half lives in `vlmtune.adapters`)."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() or (folder / "non_lora_trainables.bin").is_file():
+        from .adapters.inspect import inspect_adapter
+
+        return inspect_adapter(folder, base=base)
+    return inspect_model(path)
+
+
+def render(report: dict[str, Any]) -> str:
+    """A short human-readable rendering of an inspect report."""
+    lines: list[str] = []
+
+    def walk(obj: Any, indent: int) -> None:
+        pad = "  " * indent
+        for key, value in obj.items():
+            if isinstance(value, dict):
+                lines.append(f"{pad}{key}:")
+                walk(value, indent + 1)
+            elif isinstance(value, list) and len(value) > 8:
+                lines.append(f"{pad}{key}: {len(value)} items ({', '.join(map(str, value[:3]))}, ...)")
+            else:
+                shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+                lines.append(f"{pad}{key}: {shown}")
+
+    walk(report, 0)
+    return "\n".join(lines)
