@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from .errors import VlmtuneError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -121,7 +122,9 @@ def tensor_index(folder: str | Path) -> dict[str, TensorInfo]:
             if name in out:
                 raise CheckpointError(f"{name} appears in both {out[name].file.name} and {file.name}.")
             begin, end = meta["data_offsets"]
-            out[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end)
+            out[name] = TensorInfo(
+                name, file, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end
+            )
     return out
 
 
@@ -138,7 +141,11 @@ def fingerprint(folder: str | Path) -> str:
         h.update(json.dumps({k: [v["dtype"], v["shape"]] for k, v in sorted(header.items())}).encode())
         size = file.stat().st_size
         with open(file, "rb") as f:
-            for offset in (data_start, max(data_start, (data_start + size) // 2), max(data_start, size - 65536)):
+            for offset in (
+                data_start,
+                max(data_start, (data_start + size) // 2),
+                max(data_start, size - 65536),
+            ):
                 f.seek(offset)
                 h.update(f.read(65536))
     return "sha256:" + h.hexdigest()[:32]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,8 +26,10 @@ def tiny(
     out_dir: Annotated[Path, typer.Argument(help="folder to write (must not exist or be empty)")],
     seed: Annotated[int, typer.Option(help="seed for weights")] = 0,
     size: Annotated[str, typer.Option(help="tiny (~0.3 M params) | small (~25 M params)")] = "tiny",
-    layout: Annotated[str, typer.Option(help="original (hub names, as save_pretrained) | runtime")] = "original",
-    max_shard_size: Annotated[Optional[str], typer.Option(help="split weights into shards, e.g. 200KB")] = None,
+    layout: Annotated[
+        str, typer.Option(help="original (hub names, as save_pretrained) | runtime")
+    ] = "original",
+    max_shard_size: Annotated[str | None, typer.Option(help="split weights into shards, e.g. 200KB")] = None,
 ) -> None:
     """Write a tiny random checkpoint folder of a family (for tests, demos and benchmarks)."""
     from . import tiny as tiny_mod
@@ -39,7 +41,7 @@ def tiny(
 @app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="a model folder, hub id, or adapter folder")],
-    base: Annotated[Optional[str], typer.Option(help="for an adapter: the base to check it against")] = None,
+    base: Annotated[str | None, typer.Option(help="for an adapter: the base to check it against")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Say what a model or adapter folder is: family, roles, LoRA targets, fit to a base."""

@@ -8,6 +8,7 @@ from `adapter_config.json` alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -23,10 +24,8 @@ RUNTIME_LAYOUT = "runtime"
 def library_versions() -> dict[str, str]:
     out = {}
     for name in ("vlmtune", "transformers", "peft", "torch", "safetensors"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -8,7 +8,9 @@ from typing import Any
 from . import llava, mllama, qwen2_5_vl, qwen2_vl
 from .base import DECODER_LINEAR_LEAVES, ROLES, Family, UnsupportedModelError, apply_renames, tied_embeddings
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY, llava.FAMILY, mllama.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (qwen2_vl.FAMILY, qwen2_5_vl.FAMILY, llava.FAMILY, mllama.FAMILY)
+}
 
 __all__ = [
     "DECODER_LINEAR_LEAVES",
@@ -35,7 +37,9 @@ def get(name: str) -> Family:
 
 def detect(config: Mapping[str, Any] | Any) -> Family:
     """The family of a model config (a `config.json` dict or a transformers config object)."""
-    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    model_type = (
+        config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    )
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family

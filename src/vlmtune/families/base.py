@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
 from ..errors import VlmtuneError
 
 # Roles every family maps its modules to. `embeddings` holds the input token embeddings; `lm_head` the
@@ -45,6 +46,9 @@ class Family:
     disk_to_runtime: Renames
     # Layouts of adapters written by other tools (name -> renames from their module paths to runtime).
     foreign_layouts: Mapping[str, Renames] = field(default_factory=dict)
+    # Per foreign layout: check(foreign_config, base_config, base_params, folder) raises when that
+    # tool's settings (e.g. LLaVA's `mm_projector_type`) do not fit the base.
+    foreign_checks: Mapping[str, Callable[..., None]] = field(default_factory=dict)
     # Processor attributes that carry training-time image limits, if the family has them.
     image_limit_keys: tuple[str, ...] = ()
     # Builders for tiny checkpoints (`vlmtune tiny`): set by each family module.

@@ -33,6 +33,48 @@ LLAVA_ORIGINAL = (
     (r"^model\.(?!language_model\.|vision_tower\.|multi_modal_projector\.)", "model.language_model."),
 )
 
+# LLaVA `mm_projector_type` -> the projector Linear layers it implies in HF Llava.
+PROJECTOR_LAYERS = {
+    "linear": ("model.multi_modal_projector.linear_1",),
+    "mlp2x_gelu": ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"),
+}
+
+
+def check_llava_original(
+    foreign: dict[str, Any], base_config: dict[str, Any], base_params: Any, folder: Any
+) -> None:
+    """Refuse a LLaVA training output whose projector or vision-layer choice differs from the HF base."""
+    from ..errors import VlmtuneError
+
+    kind = foreign.get("mm_projector_type")
+    if kind is not None:
+        if kind not in PROJECTOR_LAYERS:
+            raise VlmtuneError(
+                f"{folder}/config.json: mm_projector_type {kind!r} has no HF Llava equivalent "
+                f"(known: {', '.join(PROJECTOR_LAYERS)})."
+            )
+        base_layers = tuple(
+            n[: -len(".weight")]
+            for n in base_params
+            if n.startswith("model.multi_modal_projector.") and n.endswith(".weight")
+        )
+        if sorted(base_layers) != sorted(PROJECTOR_LAYERS[kind]):
+            base_kind = next(
+                (k for k, v in PROJECTOR_LAYERS.items() if sorted(v) == sorted(base_layers)), "unknown"
+            )
+            raise VlmtuneError(
+                f"{folder}/config.json: the adapter's projector is {kind!r} but the base's is {base_kind!r} "
+                f"({len(base_layers)} Linear layer(s)); use a base built with a {kind!r} projector."
+            )
+    layer = foreign.get("mm_vision_select_layer")
+    base_layer = base_config.get("vision_feature_layer")
+    if layer is not None and base_layer is not None and layer != base_layer:
+        raise VlmtuneError(
+            f"{folder}/config.json: mm_vision_select_layer is {layer} but the base uses vision_feature_layer "
+            f"{base_layer}; the projector was trained on other features. Use a base with vision_feature_layer={layer}."
+        )
+
+
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 
 # The llava-1.5-hf conversation format (USER:/ASSISTANT:), assistant turns inside `{% generation %}`.
@@ -135,6 +177,7 @@ FAMILY = Family(
     },
     disk_to_runtime=DISK_TO_RUNTIME,
     foreign_layouts={"llava_original": LLAVA_ORIGINAL},
+    foreign_checks={"llava_original": check_llava_original},
     tiny_config=tiny_config,
     tiny_processor=tiny_processor,
     special_tokens=SPECIAL_TOKENS,

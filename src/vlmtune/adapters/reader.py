@@ -1,0 +1,351 @@
+"""Read any adapter folder into one canonical form, placed strictly on a base.
+
+Formats: PEFT standard (ours, LLaMA-Factory, ms-swift, VLM-R1, TRL: `adapter_config.json` +
+`adapter_model.safetensors|bin`) and original LLaVA training outputs (the same plus
+`non_lora_trainables.bin` and a LLaVA `config.json`). The result, `Adapter`, says per base module what
+the adapter does (LoRA factors with their own rank/alpha/scaling, DoRA magnitude, LoRA bias) and which
+base tensors it replaces outright. Inference turns it into a PEFT model; the merge applies it to shards.
+No torch import unless a pickled file must be read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import VlmtuneError
+from ..families import Family
+from .layout import AdapterKeyError, Placement, place
+from .manifest import Manifest, read_manifest
+from .tensors import LazyTensor, read_tensor_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+LLAVA_TRAINABLES = "non_lora_trainables.bin"
+
+# adapter_config.json settings that change what the weights mean and that vlmtune does not implement.
+# (Each must be absent, None, False or empty.)
+UNSUPPORTED_SETTINGS = {
+    "target_parameters": "LoRA on raw parameters (MoE experts)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable token indices",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+}
+
+
+class AdapterFormatError(VlmtuneError):
+    """An adapter folder is incomplete, or uses a setting vlmtune cannot apply faithfully."""
+
+
+@dataclass
+class LoraModule:
+    """The LoRA of one base module: delta = scaling * (B @ A) (+ `bias`), or DoRA with `magnitude`."""
+
+    module: str  # runtime module path
+    kind: str  # 'linear' | 'embedding' | 'conv'
+    A: LazyTensor
+    B: LazyTensor
+    r: int
+    alpha: float
+    scaling: float
+    bias: LazyTensor | None = None
+    magnitude: LazyTensor | None = None
+    fan_in_fan_out: bool = False
+
+
+@dataclass
+class Adapter:
+    path: Path
+    format: str  # 'peft' | 'llava'
+    config: dict[str, Any]  # adapter_config.json as written
+    lora: dict[str, LoraModule]  # runtime module path -> LoRA
+    full: dict[str, LazyTensor]  # runtime parameter name -> tensor that replaces it
+    layouts: set[str]  # key layouts seen: 'runtime', 'original', 'llava_original'
+    manifest: Manifest | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.lora.values())
+
+    @property
+    def full_modules(self) -> list[str]:
+        return sorted({name.rsplit(".", 1)[0] for name in self.full})
+
+    def peft_config(self) -> dict[str, Any]:
+        """A PEFT LoraConfig dict in today's runtime names, with exact per-module rank/alpha, so PEFT
+        builds exactly the modules the tensors describe (whatever layout the file used)."""
+        ranks = Counter(m.r for m in self.lora.values())
+        alphas = Counter(m.alpha for m in self.lora.values())
+        r = ranks.most_common(1)[0][0] if ranks else int(self.config.get("r", 8))
+        alpha = alphas.most_common(1)[0][0] if alphas else float(self.config.get("lora_alpha", 8))
+        exact = lambda name: re.escape(name)  # noqa: E731 - PEFT matches pattern keys as regex suffixes
+        keep = {k: v for k, v in self.config.items() if k not in ("rank_pattern", "alpha_pattern")}
+        return {
+            **keep,
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": alpha,
+            "target_modules": sorted(self.lora),
+            "rank_pattern": {exact(m.module): m.r for m in self.lora.values() if m.r != r},
+            "alpha_pattern": {exact(m.module): m.alpha for m in self.lora.values() if m.alpha != alpha},
+            "modules_to_save": self.full_modules or None,
+            "use_dora": self.use_dora,
+            "lora_bias": any(m.bias is not None for m in self.lora.values()),
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "exclude_modules": None,
+        }
+
+    def peft_state_dict(self) -> dict[str, LazyTensor]:
+        """Tensors under the keys PEFT saves (runtime names, adapter name removed)."""
+        out: dict[str, LazyTensor] = {}
+        for m in self.lora.values():
+            base = f"base_model.model.{m.module}"
+            if m.kind == "embedding":
+                out[f"{base}.lora_embedding_A"], out[f"{base}.lora_embedding_B"] = m.A, m.B
+            else:
+                out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
+            if m.bias is not None:
+                out[f"{base}.lora_B.bias"] = m.bias
+            if m.magnitude is not None:
+                out[f"{base}.lora_magnitude_vector"] = m.magnitude
+        for name, t in self.full.items():
+            out[f"base_model.model.{name}"] = t
+        return out
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule (`peft.utils.other.get_pattern_key`): the first pattern that matches a suffix of the
+    module path wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterFormatError(
+        f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}); an intermediate checkpoint of some "
+        "tools stores them elsewhere: pass the folder that holds adapter_model.*."
+    )
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterFormatError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
+    config = json.loads(path.read_text())
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterFormatError(
+            f"{path}: peft_type {peft_type} is not supported; vlmtune handles LoRA (incl. DoRA, rsLoRA)."
+        )
+    for key, what in UNSUPPORTED_SETTINGS.items():
+        if config.get(key) not in (None, False, {}, [], ""):
+            raise AdapterFormatError(
+                f"{path}: {key} ({what}) is set; vlmtune cannot apply it faithfully, so it refuses the adapter."
+            )
+    return config
+
+
+def read_adapter(
+    path: str | Path,
+    family: Family,
+    base_params: Mapping[str, tuple[int, ...]],
+    base_config: Mapping[str, Any] | None = None,
+) -> Adapter:
+    """Read and strictly place an adapter folder on a base.
+
+    `base_params` maps every runtime parameter name of the base to its logical shape ((out, in) for a
+    Linear even when quantized). Raises before anything is loaded into a model when a key cannot be placed,
+    a shape does not fit, or a setting cannot be applied.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"adapter folder {folder} does not exist.")
+    config = read_config(folder)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.base.family != family.name:
+        raise AdapterFormatError(
+            f"{folder} was trained on a {manifest.base.family} model ({manifest.base.name_or_path}) but the base "
+            f"is a {family.name} model; pass the base it was trained on."
+        )
+    weights = find_weights(folder)
+    files = [weights]
+    tensors = dict(read_tensor_file(weights))
+    fmt = "peft"
+    llava_trainables = folder / LLAVA_TRAINABLES
+    llava_config = folder / "config.json"
+    foreign_cfg = json.loads(llava_config.read_text()) if llava_config.is_file() else {}
+    if llava_trainables.is_file() or "mm_projector_type" in foreign_cfg:
+        fmt = "llava"
+        check = family.foreign_checks.get("llava_original")
+        if check is None:
+            raise AdapterFormatError(
+                f"{folder} is a LLaVA training output (non_lora_trainables.bin / mm_* config), but the base is a "
+                f"{family.name} model; LLaVA outputs load onto a llava base."
+            )
+        check(foreign_cfg, dict(base_config or {}), base_params, folder)
+        if llava_trainables.is_file():
+            files.append(llava_trainables)
+            for key, t in read_tensor_file(llava_trainables).items():
+                if key in tensors:
+                    raise AdapterFormatError(
+                        f"{folder}: {key} is in both {weights.name} and {LLAVA_TRAINABLES}."
+                    )
+                tensors[key] = t
+    placements = place(tensors, family, base_params, source=str(folder))
+    adapter = Adapter(folder, fmt, config, {}, {}, {p.layout for p in placements}, manifest, files)
+    build_modules(adapter, placements, tensors, base_params)
+    return adapter
+
+
+def build_modules(
+    adapter: Adapter,
+    placements: list[Placement],
+    tensors: Mapping[str, LazyTensor],
+    base_params: Mapping[str, tuple[int, ...]],
+) -> None:
+    config = adapter.config
+    made_for = (
+        adapter.manifest.base.name_or_path if adapter.manifest else config.get("base_model_name_or_path")
+    )
+    source = f"{adapter.path} (made for {made_for})" if made_for else str(adapter.path)
+    grouped: dict[str, dict[str, LazyTensor]] = {}
+    written: dict[str, str] = {}
+    for p in placements:
+        t = tensors[p.key.source]
+        if p.key.is_lora:
+            grouped.setdefault(p.module, {})[p.key.slot] = t
+            written[p.module] = p.key.module
+        else:
+            shape = tuple(base_params[p.target])
+            if tuple(t.shape) != shape:
+                raise AdapterKeyError(
+                    f"{source}: {p.key.source} has shape {tuple(t.shape)} but the base's {p.target} is {shape}; "
+                    "the adapter was made for a base of another size (a different checkpoint or vocabulary)."
+                )
+            adapter.full[p.target] = t
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for module, slots in grouped.items():
+        kind = "embedding" if "lora_embedding_A" in slots else "linear"
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if kind == "embedding"
+            else ("lora_A.weight", "lora_B.weight")
+        )
+        if a_key not in slots or b_key not in slots:
+            missing = a_key if a_key not in slots else b_key
+            raise AdapterKeyError(
+                f"{source}: {written[module]} has no {missing}; the adapter file is incomplete."
+            )
+        A, B = slots[a_key], slots[b_key]
+        if len(A.shape) > 2:
+            kind = "conv"
+        name_in_file = written[module]
+        r = int(pattern_value(rank_pattern, name_in_file, config.get("r", 8)))
+        alpha = float(pattern_value(alpha_pattern, name_in_file, config.get("lora_alpha", r)))
+        rows = A.shape[0]
+        if rows != r or B.shape[1] != rows:
+            raise AdapterKeyError(
+                f"{source}: {written[module]} has rank {rows} in its tensors (lora_A {tuple(A.shape)}, lora_B "
+                f"{tuple(B.shape)}) but adapter_config.json says r={r}; the config and weights come from different "
+                "runs. Use the adapter_config.json saved with these weights."
+            )
+        check_shapes(
+            source,
+            written[module],
+            module,
+            kind,
+            A,
+            B,
+            tuple(base_params[f"{module}.weight"]),
+            bool(config.get("fan_in_fan_out")),
+        )
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        adapter.lora[module] = LoraModule(
+            module,
+            kind,
+            A,
+            B,
+            r,
+            alpha,
+            scaling,
+            bias=slots.get("lora_B.bias"),
+            magnitude=slots.get("lora_magnitude_vector"),
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+        )
+
+
+def check_shapes(
+    source: str,
+    written: str,
+    module: str,
+    kind: str,
+    A: LazyTensor,
+    B: LazyTensor,
+    weight: tuple[int, ...],
+    fan_in_fan_out: bool,
+) -> None:
+    if kind == "embedding":
+        want_in, want_out = weight[0], weight[1]
+        got_in, got_out = A.shape[1], B.shape[0]
+    elif kind == "conv":
+        want_in, want_out = weight[1], weight[0]
+        got_in, got_out = A.shape[1], B.shape[0]
+    else:
+        out_f, in_f = (weight[1], weight[0]) if fan_in_fan_out else (weight[0], weight[1])
+        want_in, want_out = in_f, out_f
+        got_in, got_out = A.shape[1], B.shape[0]
+    if (got_in, got_out) != (want_in, want_out):
+        raise AdapterKeyError(
+            f"{source}: {written} expects a layer of {got_in} -> {got_out} features (lora_A {tuple(A.shape)}, "
+            f"lora_B {tuple(B.shape)}), but the base's {module} is {want_in} -> {want_out} (weight {weight}); "
+            "the adapter was made for another base size. Pass the base it was trained on."
+        )
+
+
+def base_params_from_folder(
+    folder: str | Path, family: Family, config: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
+    """Runtime parameter name -> shape for a model folder, from its safetensors headers alone.
+
+    A tied lm_head is not stored on disk; it is listed with the embedding's shape so adapters that
+    train or LoRA it can be placed (the merge then writes it untied).
+    """
+    from ..checkpoint import tensor_index
+    from ..families import tied_embeddings
+
+    index = tensor_index(folder)
+    params = {family.to_runtime(name): info.shape for name, info in index.items()}
+    head, embed = f"{family.prefix_of('lm_head')}.weight", f"{family.prefix_of('embeddings')}.weight"
+    if head not in params and tied_embeddings(dict(config)) and embed in params:
+        params[head] = params[embed]
+    return params
+
+
+def base_params_from_model(model: Any) -> dict[str, tuple[int, ...]]:
+    """Runtime parameter name -> logical shape for a loaded model (quantized Linear layers report
+    (out_features, in_features), not their packed storage shape)."""
+    params = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    for name, module in model.named_modules():
+        if hasattr(module, "in_features") and hasattr(module, "out_features") and f"{name}.weight" in params:
+            params[f"{name}.weight"] = (module.out_features, module.in_features)
+    return params
