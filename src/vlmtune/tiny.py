@@ -74,25 +74,37 @@ def configure_tokenizer(tokenizer: Any, family: families.Family) -> None:
     tokenizer.add_special_tokens({"additional_special_tokens": list(family.special_tokens)})
 
 
-def build(family_name: str, size: str = "tiny", seed: int = 0, overrides: dict[str, Any] | None = None):
+def build(
+    family_name: str,
+    size: str = "tiny",
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    tied: bool = False,
+):
     """Build (model, processor) for a family in memory. `overrides` update the text config
-    (e.g. {"initializer_range": 0.1})."""
+    (e.g. {"initializer_range": 0.1}); `tied` shares lm_head with the input embeddings (as small
+    Qwen2-VL checkpoints do)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}.")
     family = families.get(family_name)
-    tokenizer = train_tokenizer(family.special_tokens, seed=seed)
+    if tied and not family.can_tie_embeddings:
+        raise ValueError(f"{family.name} models cannot tie lm_head to the input embeddings.")
+    tokenizer = train_tokenizer(family.special_tokens)  # same vocabulary whatever the weight seed
     configure_tokenizer(tokenizer, family)
     tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens}
     raw = family.tiny_config(size, tokens, len(tokenizer))
     raw["text_config"].update(overrides or {})
+    raw["tie_word_embeddings"] = tied
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(model_type, **raw)
     config.dtype = "float32"
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
+    if family.tiny_post_init is not None:
+        family.tiny_post_init(model)
     model.eval()
     processor = family.tiny_processor(tokenizer, family.chat_template)
     return model, processor
@@ -106,6 +118,7 @@ def write(
     overrides: dict[str, Any] | None = None,
     max_shard_size: str | int | None = None,
     layout: str = "original",
+    tied: bool = False,
 ) -> Path:
     """Write a tiny checkpoint folder. `layout='original'` stores weights under the hub's on-disk names
     (what `save_pretrained` writes by default); `'runtime'` under transformers 5 runtime names."""
@@ -113,7 +126,7 @@ def write(
 
     if layout not in ("original", "runtime"):
         raise ValueError(f"unknown layout {layout!r}; choose 'original' or 'runtime'.")
-    model, processor = build(family_name, size, seed, overrides)
+    model, processor = build(family_name, size, seed, overrides, tied)
     tokenizer = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

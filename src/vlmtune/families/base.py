@@ -49,11 +49,15 @@ class Family:
     # Per foreign layout: check(foreign_config, base_config, base_params, folder) raises when that
     # tool's settings (e.g. LLaVA's `mm_projector_type`) do not fit the base.
     foreign_checks: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+    # Whether lm_head can share the input embeddings (Mllama's embedding table has 8 extra rows: never).
+    can_tie_embeddings: bool = True
     # Processor attributes that carry training-time image limits, if the family has them.
     image_limit_keys: tuple[str, ...] = ()
     # Builders for tiny checkpoints (`vlmtune tiny`): set by each family module.
     tiny_config: Callable[..., dict[str, Any]] | None = None
     tiny_processor: Callable[..., Any] | None = None
+    # Adjusts a freshly initialised tiny model so it behaves like a trained checkpoint where init differs.
+    tiny_post_init: Callable[[Any], None] | None = None
     special_tokens: tuple[str, ...] = ()
     # Tokenizer attribute -> special token, as the family's real tokenizer names them.
     token_roles: Mapping[str, str] = field(default_factory=dict)

@@ -108,6 +108,17 @@ def tiny_processor(tokenizer: Any, chat_template: str) -> Any:
     )
 
 
+def open_gates(model: Any) -> None:
+    """Mllama initialises its tanh gates at 0, which shuts images out until training opens them (the released
+    checkpoints have them open). Open them so a tiny model's output depends on its image."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", ".gate")):
+                param.fill_(0.5)
+
+
 FAMILY = Family(
     name="mllama",
     model_types=("mllama",),
@@ -131,8 +142,10 @@ FAMILY = Family(
         "projector": r"model\.multi_modal_projector",
     },
     disk_to_runtime=DISK_TO_RUNTIME,
+    can_tie_embeddings=False,
     tiny_config=tiny_config,
     tiny_processor=tiny_processor,
+    tiny_post_init=open_gates,
     special_tokens=SPECIAL_TOKENS,
     token_roles={
         "bos_token": "<|begin_of_text|>",

@@ -1,0 +1,79 @@
+"""`vlmtune inspect MODEL_DIR` and the command line's error handling."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForImageTextToText
+from typer.testing import CliRunner
+
+from vlmtune import families
+from vlmtune.cli import app
+from vlmtune.inspection import inspect_model
+
+
+def test_report_counts_equal_the_loaded_model(family_name, tiny_model):
+    folder = tiny_model(family_name)
+    report = inspect_model(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    family = families.get(family_name)
+    assert report["family"] == family_name
+    assert report["architecture"] == type(model).__name__
+    assert report["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for role in ("vision", "projector", "language", "lm_head"):
+        expected = [m for n, m in linears if family.role_of(n) == role]
+        assert report["linear_layers"][role]["modules"] == len(expected), role
+        assert report["linear_layers"][role]["params"] == sum(
+            p.numel() for m in expected for p in m.parameters()
+        )
+    targeted = [m for n, m in linears if re.fullmatch(family.default_target_regex, n)]
+    assert report["default_lora_targets"]["modules"] == len(targeted)
+    assert report["default_lora_targets"]["params"] == sum(
+        p.numel() for m in targeted for p in m.parameters()
+    )
+    assert report["default_lora_targets"]["roles"] == ["language"]
+    assert report["tied_embeddings"] is False
+    assert report["weights"]["tensors"] == len(model.state_dict())
+
+
+def test_inspect_reports_tied_embeddings_and_layout(tiny_model):
+    tied = inspect_model(tiny_model("qwen2_vl", tied=True))
+    assert tied["tied_embeddings"] is True
+    runtime = inspect_model(tiny_model("llava", layout="runtime"))
+    assert runtime["weights"]["layout"] == "runtime"
+    assert inspect_model(tiny_model("llava"))["weights"]["layout"] == "original"
+
+
+def test_cli_inspect_json(tiny_model):
+    result = CliRunner().invoke(app, ["inspect", str(tiny_model("llava")), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["family"] == "llava"
+    assert report["linear_layers"]["projector"]["modules"] == 2
+
+
+def test_cli_tiny_writes_a_folder(tmp_path):
+    result = CliRunner().invoke(app, ["tiny", "qwen2_5_vl", str(tmp_path / "m"), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert inspect_model(tmp_path / "m")["family"] == "qwen2_5_vl"
+
+
+def test_unsupported_model_is_one_line_not_a_traceback(tmp_path):
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtune", "inspect", str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "gemma3" in lines[0]
+    for name in families.FAMILIES:
+        assert name in lines[0]
