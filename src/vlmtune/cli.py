@@ -51,6 +51,213 @@ def inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
 
 
+# --- merge ---
+@app.command()
+def merge(
+    base: Annotated[str, typer.Option(help="base model: local folder or hub id (safetensors)")],
+    adapter: Annotated[
+        list[str],
+        typer.Option(help="adapter folder (PEFT or LLaVA format); repeat to merge several, in order"),
+    ],
+    out: Annotated[Path, typer.Option(help="output folder (written atomically)")],
+    dtype: Annotated[str, typer.Option(help="auto (the base's) | bf16 | fp16 | fp32")] = "auto",
+    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")] = "5GB",
+    verify: Annotated[
+        bool, typer.Option(help="compare logits with base + adapter un-merged (imports torch/PEFT)")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT")] = False,
+) -> None:
+    """Merge LoRA adapter(s) into the base, streaming tensor by tensor, into a standalone model folder."""
+    from .merge import merge as run_merge
+
+    result = run_merge(
+        base,
+        adapter,
+        out,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        verify=verify,
+        overwrite=overwrite,
+        progress=lambda shard: typer.echo(f"wrote {shard}", err=True),
+    )
+    typer.echo(result.summary())
+
+
+# --- end merge ---
+
+
+# --- inference ---
+AdapterOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--adapter",
+        help="[NAME=]DIR of an adapter to attach un-merged; repeat for several (NAME: folder name)",
+    ),
+]
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
+    data: Annotated[Path, typer.Option(help="JSON/JSONL/parquet/datasets folder: messages+images or LLaVA")],
+    out: Annotated[Path, typer.Option(help="predictions JSONL to write")],
+    adapter: AdapterOption = None,
+    batch_size: Annotated[int, typer.Option(help="rows per forward")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="cap on generated tokens per row")] = 128,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    top_k: Annotated[int | None, typer.Option(help="top-k sampling")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    device: Annotated[
+        str | None, typer.Option(help="cpu | cuda | cuda:N | auto (default: cuda if present)")
+    ] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Run a dataset through the base and adapters (un-merged); write predictions, report scores and speed."""
+    from .infer import GenerationSettings
+    from .infer.engine import parse_adapter_specs
+    from .infer.predict import predict as run_predict
+
+    settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed=seed)
+    summary = run_predict(
+        model,
+        parse_adapter_specs(adapter or []),
+        data,
+        out,
+        batch_size=batch_size,
+        settings=settings,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        progress=progress,
+    )
+    typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.render())
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
+    adapter: AdapterOption = None,
+    image: Annotated[str | None, typer.Option(help="an image for the first message")] = None,
+    use: Annotated[str | None, typer.Option(help="adapter to start with (default: the first)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="cap on generated tokens per reply")] = 512,
+    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+) -> None:
+    """Chat in the terminal with images; /adapter NAME switches adapters, /image PATH attaches an image."""
+    from .infer import GenerationSettings
+    from .infer.chat import start_chat
+    from .infer.engine import parse_adapter_specs
+
+    start_chat(
+        model,
+        parse_adapter_specs(adapter or []),
+        adapter=use,
+        image=image,
+        settings=GenerationSettings(max_new_tokens, sample, temperature, top_p),
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+    )
+
+
+# --- end inference ---
+
+
+# --- training ---
+data_app = typer.Typer(help="Training data: check files before training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _console_logging() -> None:
+    """vlmtune's own progress lines (plan, data summary, where the adapter went) on stderr."""
+    import logging
+
+    logger = logging.getLogger("vlmtune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config (docs/training.md lists every key)")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted key=value overrides, e.g. lora.r=16 lr=2e-4")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="list LoRA / fully trained modules by role with parameter counts, then exit"
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False,
+) -> None:
+    """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/)."""
+    from . import train as training
+
+    _console_logging()
+    if dry_run:
+        plan = training.dry_run(config, overrides or [])
+        typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
+        return
+    run_dir = training.run(config, overrides or [])
+    typer.echo(f"run dir: {run_dir}\nadapter: {run_dir / 'adapter'}")
+
+
+@data_app.command("check")
+def data_check(
+    file: Annotated[Path, typer.Argument(help="data file (.json, .jsonl, .parquet) or datasets folder")],
+    model: Annotated[
+        str | None, typer.Option(help="also tokenize every row with this base's processor")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="with --model: count rows truncated at this length")
+    ] = None,
+    loss_on: Annotated[str, typer.Option(help="assistant | all")] = "assistant",
+    show: Annotated[int, typer.Option(help="print at most this many row errors")] = 100,
+) -> None:
+    """Check every row as `vlmtune train` does (structure, images, tokens); exit 2 when any row is invalid."""
+    from .data.check import check_data, processor_for, render
+
+    processor = processor_for(model) if model is not None else None
+    report = check_data(file, processor=processor, max_length=max_length, loss_on=loss_on)
+    render(report, show=show, echo=typer.echo)
+    if report.invalid_rows:
+        raise VlmtuneError(
+            f"{report.invalid_rows} of {report.rows} rows in {file} are invalid (listed above)."
+        )
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the demo (replaced on every run)")] = Path(
+        "runs/demo"
+    ),
+    steps: Annotated[int, typer.Option(help="training steps")] = 800,
+    seed: Annotated[int, typer.Option(help="seed for data, model and training")] = 0,
+) -> None:
+    """Train a tiny Qwen2-VL on a synthetic shapes task and report accuracy before/after (report.json)."""
+    from .demo import run_demo
+
+    _console_logging()
+    report = run_demo(out, steps=steps, seed=seed)
+    typer.echo(json.dumps(report, indent=2))
+
+
+# --- end training ---
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; anything else is a bug and keeps its traceback."""
     try:

@@ -45,6 +45,11 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
+# init_lora_weights values whose initialisation rewrites the base weights (W <- W - B0 A0): an adapter saved
+# without PEFT's conversion to plain LoRA is only right on that modified base.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+
+
 class AdapterFormatError(VlmtuneError):
     """An adapter folder is incomplete, or uses a setting vlmtune cannot apply faithfully."""
 
@@ -161,6 +166,13 @@ def read_config(folder: Path) -> dict[str, Any]:
             raise AdapterFormatError(
                 f"{path}: {key} ({what}) is set; vlmtune cannot apply it faithfully, so it refuses the adapter."
             )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise AdapterFormatError(
+            f"{path}: init_lora_weights={init!r}: that initialisation subtracts the initial factors from the "
+            "base weights, so these factors are only right on that modified base. Convert the adapter to a plain "
+            "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
     return config
 
 

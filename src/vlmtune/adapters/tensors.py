@@ -44,6 +44,9 @@ class LazyTensor:
     shape: tuple[int, ...]
     source: Path
     read: Callable[[], bytes]
+    # Absolute byte offset of the data in `source` when it is a safetensors file (None for pickled .bin), so
+    # a consumer can read part of a big tensor (the merge reads rows in blocks) instead of all of it.
+    offset: int | None = None
 
     @property
     def numel(self) -> int:
@@ -74,7 +77,12 @@ def read_safetensors(file: str | Path) -> dict[str, LazyTensor]:
         begin, end = meta["data_offsets"]
         start, stop = data_start + begin, data_start + end
         out[key] = LazyTensor(
-            key, meta["dtype"], tuple(meta["shape"]), file, lambda s=start, e=stop: read_range(file, s, e)
+            key,
+            meta["dtype"],
+            tuple(meta["shape"]),
+            file,
+            lambda s=start, e=stop: read_range(file, s, e),
+            offset=start,
         )
     return out
 

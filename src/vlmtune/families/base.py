@@ -49,6 +49,8 @@ class Family:
     # Per foreign layout: check(foreign_config, base_config, base_params, folder) raises when that
     # tool's settings (e.g. LLaVA's `mm_projector_type`) do not fit the base.
     foreign_checks: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+    # Why vLLM cannot serve this family at all ("" when it can).
+    vllm_unsupported: str = ""
     # Whether lm_head can share the input embeddings (Mllama's embedding table has 8 extra rows: never).
     can_tie_embeddings: bool = True
     # Processor attributes that carry training-time image limits, if the family has them.
@@ -62,6 +64,9 @@ class Family:
     # Tokenizer attribute -> special token, as the family's real tokenizer names them.
     token_roles: Mapping[str, str] = field(default_factory=dict)
     chat_template: str = ""
+    # Whether the processor can batch rows without images together with rows that have images (Mllama's
+    # cannot in transformers 5.23: its aspect-ratio tensors then cover only the image rows).
+    mixed_image_batches: bool = True
 
     # -- roles ---------------------------------------------------------------------------------------
     def role_of(self, name: str) -> str | None:

@@ -143,6 +143,7 @@ FAMILY = Family(
     },
     disk_to_runtime=DISK_TO_RUNTIME,
     can_tie_embeddings=False,
+    vllm_unsupported="vLLM no longer serves Llama-3.2-Vision (Mllama) models",
     tiny_config=tiny_config,
     tiny_processor=tiny_processor,
     tiny_post_init=open_gates,
@@ -153,4 +154,5 @@ FAMILY = Family(
         "pad_token": "<|finetune_right_pad_id|>",
     },
     chat_template=CHAT_TEMPLATE,
+    mixed_image_batches=False,
 )

@@ -1,0 +1,397 @@
+"""Typed configs read from YAML plus dotted `key=value` overrides (torchtune style: `lora.r=16 lr=2e-4`).
+
+Every key is checked against the dataclass fields: an unknown key is an error that names the closest known
+key, a value of the wrong type is an error that names the key and the expected type. Nothing here imports
+torch, so `vlmtune train --dry-run` and config errors come back fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import VlmtuneError
+
+
+class ConfigError(VlmtuneError, ValueError):
+    """A config file or override the user must fix."""
+
+
+# -- the training config ------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they become supervised sequences."""
+
+    train: str = ""
+    # A separate eval file, or a fraction of `train` held out (deterministic for a seed); not both.
+    eval: str | None = None
+    eval_split: float | None = None
+    # Invalid rows stop training unless this is true; then they are skipped and counted.
+    skip_invalid: bool = False
+    # `assistant`: loss on assistant turns only (the anchors' default); `all`: on every text token.
+    loss_on: Literal["assistant", "all"] = "assistant"
+    # DataLoader worker processes that load images and build batches while the model computes;
+    # null: on a GPU half the CPU cores (at most 4), on CPU 0 (batches built in the training process).
+    workers: int | None = None
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters and which layers get LoRA (see `vlmtune.adapters.targets`)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # A preset (`language`, `language+vision`, `language+vision+projector`), one regex (re.fullmatch on runtime
+    # module names), or a list of such regexes / full module names.
+    targets: str | list[str] = "language"
+    rslora: bool = False
+    dora: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Everything `vlmtune train` needs; `docs/training.md` documents each field."""
+
+    model: str = ""
+    output_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # Role switches. `vision: null` follows `lora.targets`; `projector: full` trains it fully (PEFT
+    # modules_to_save); `language: frozen` + `projector: full` is LLaVA's stage-1 projector pretraining.
+    projector: Literal["frozen", "lora", "full"] = "frozen"
+    vision: Literal["frozen", "lora"] | None = None
+    language: Literal["lora", "frozen"] = "lora"
+    # Start from an earlier run's adapter dir (progressive training); it must be made for the same base.
+    init_from: str | None = None
+    lr: float = 1e-4
+    projector_lr: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    # Steps (>= 1) or a ratio of all steps (< 1), as transformers' `warmup_steps`.
+    warmup: float = 0.0
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    # Longest sequence in tokens (image tokens included); longer rows are truncated, counted and reported.
+    max_length: int | None = None
+    # Image resolution limits, for families whose processor has them (Qwen2-VL: pixels per image).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    # Light, size-preserving image augmentation (colour jitter, small shifts); off by default.
+    augment: bool = False
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 10
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    # `auto`: continue from the last complete checkpoint in output_dir (start fresh when there is none);
+    # a path: that checkpoint; `false`: refuse to touch a non-empty output_dir.
+    resume: str | bool = "auto"
+
+    def validate(self) -> TrainConfig:
+        """Cross-field checks: settings that contradict each other or would do nothing are errors."""
+        need = {"model": self.model, "output_dir": self.output_dir, "data.train": self.data.train}
+        missing = [k for k, v in need.items() if not v]
+        if missing:
+            raise ConfigError(f"missing required config key(s): {', '.join(missing)}.")
+        if self.data.eval and self.data.eval_split is not None:
+            raise ConfigError("set either data.eval (a file) or data.eval_split (a fraction), not both.")
+        if self.data.eval_split is not None and not 0 < self.data.eval_split < 1:
+            raise ConfigError(f"data.eval_split must lie between 0 and 1 (got {self.data.eval_split}).")
+        positive = {
+            "lora.r": self.lora.r,
+            "lora.alpha": self.lora.alpha,
+            "batch_size": self.batch_size,
+            "gradient_accumulation": self.gradient_accumulation,
+            "save_steps": self.save_steps,
+            "logging_steps": self.logging_steps,
+            "lr": self.lr,
+        }
+        optional_positive = {
+            "max_steps": self.max_steps,
+            "eval_steps": self.eval_steps,
+            "save_total_limit": self.save_total_limit,
+            "max_length": self.max_length,
+            "projector_lr": self.projector_lr,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+        }
+        for key, value in {
+            **positive,
+            **{k: v for k, v in optional_positive.items() if v is not None},
+        }.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive (got {value}).")
+        if self.data.workers is not None and self.data.workers < 0:
+            raise ConfigError(f"data.workers must be 0 or more (got {self.data.workers}).")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive (got {self.epochs}); or set max_steps.")
+        if not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"lora.dropout must lie in [0, 1) (got {self.lora.dropout}).")
+        if self.warmup < 0 or (self.warmup >= 1 and self.warmup != int(self.warmup)):
+            raise ConfigError(
+                f"warmup must be a ratio in [0, 1) or a whole number of steps (got {self.warmup})."
+            )
+        if self.eval_steps is not None and not (self.data.eval or self.data.eval_split):
+            raise ConfigError(
+                "eval_steps is set but there is no eval data; set data.eval or data.eval_split."
+            )
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ConfigError(
+                f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})."
+            )
+        if self.projector_lr is not None and self.projector != "full" and self.projector != "lora":
+            raise ConfigError(
+                "projector_lr is set but the projector is frozen, so it would do nothing; "
+                "set projector: full or projector: lora, or drop projector_lr."
+            )
+        if isinstance(self.resume, bool) and self.resume:
+            raise ConfigError("resume must be auto, false or the path of a checkpoint (got true).")
+        return self
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+
+
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Read a YAML config (or start from defaults), apply `key=value` overrides, type-check, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(path)
+    data = apply_overrides(data, overrides)
+    return from_dict(TrainConfig, data).validate()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys (got {type(data).__name__}).")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`a.b=value` sets data['a']['b']; the value is parsed as YAML (`lr=2e-4`, `lora.targets=[a, b]`)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. lora.r=16).")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section.")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def known_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts (sections and leaves)."""
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        out.append(name)
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            out.extend(known_keys(hint, name + "."))
+    return out
+
+
+# Names other tools (transformers, LLaMA-Factory, swift) use for our keys: suggested when difflib finds nothing.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "lr_scheduler_type": "scheduler",
+    "warmup_steps": "warmup",
+    "warmup_ratio": "warmup",
+    "lora_rank": "lora.r",
+    "rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target": "lora.targets",
+    "target_modules": "lora.targets",
+    "model_name_or_path": "model",
+    "dataset": "data.train",
+    "cutoff_len": "max_length",
+    "image_max_pixels": "max_pixels",
+    "image_min_pixels": "min_pixels",
+    "bf16": "precision",
+    "fp16": "precision",
+    "resume_from_checkpoint": "resume",
+    "freeze_vision_tower": "vision",
+    "freeze_multi_modal_projector": "projector",
+    "freeze_language_model": "language",
+}
+
+
+def suggest(key: str, candidates: list[str]) -> str:
+    """' ; did you mean X?' for the closest candidate, or a list of valid keys when nothing is close."""
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    if alias in candidates:
+        return f"; did you mean {alias!r}?"
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; valid keys: {', '.join(sorted(candidates))}."
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, coercing YAML scalars and rejecting unknown keys."""
+    root = root or cls
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in hints:
+            siblings = [prefix + n for n in names]
+            hint = suggest(dotted, siblings)
+            if "did you mean" not in hint:
+                hint = suggest(dotted, known_keys(root))
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], dotted, root)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, root: type) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key + ".", root)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the richer types first so "8" stays an int for `int | None` but a list stays a list.
+        for arg in sorted((a for a in args if a is not type(None)), key=_coerce_order):
+            try:
+                return _coerce(value, arg, key, root)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} is not {_describe(hint)}.")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))} (got {value!r}).")
+    if origin is list:
+        (item,) = args
+        if isinstance(value, (str, int, float)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list (got {value!r}).")
+        return [_coerce(v, item, f"{key}[{i}]", root) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ConfigError(f"{key} must be true or false (got {value!r}).")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a whole number (got {value!r}).")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+        raise ConfigError(f"{key} must be a whole number (got {value!r}).")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number (got {value!r}).")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number (got {value!r}).")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string (got {value!r}).")
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _coerce_order(hint: Any) -> int:
+    if hint is bool:
+        return 0
+    if typing.get_origin(hint) is Literal:
+        return 1
+    if typing.get_origin(hint) is list:
+        return 2
+    if hint in (int, float):
+        return 3
+    return 4
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    parts = []
+    for a in args:
+        if typing.get_origin(a) is Literal:
+            parts.extend(repr(x) for x in typing.get_args(a))
+        elif typing.get_origin(a) is list:
+            parts.append("a list")
+        else:
+            parts.append(getattr(a, "__name__", str(a)))
+    return " or ".join(parts)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
