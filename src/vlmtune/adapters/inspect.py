@@ -1,0 +1,337 @@
+"""`vlmtune inspect ADAPTER_DIR [--base BASE]`: what an adapter folder is, whether it fits a base, and
+whether vLLM can serve it as it is.
+
+Without a base, roles are read from the key names through the family's layouts (the family comes from
+`vlmtune.json`, the LLaVA format, the declared base folder, or the key names). With a base, the adapter is
+placed strictly, exactly as `predict`/`merge` would, and the report says what fits or why not. Needs no
+torch unless the base is a hub id without local weights (its shapes then come from a meta-device model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint, families
+from ..errors import VlmtuneError
+from ..families import Family, apply_renames
+from .layout import candidate_layouts, split_key
+from .manifest import read_manifest
+from .reader import LLAVA_TRAINABLES, find_weights, pattern_value, read_adapter, read_config
+from .tensors import read_tensor_file
+
+# vLLM (0.33): `--max-lora-rank` takes one of these values and defaults to 16.
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_RANK = 16
+
+
+def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[str, Any]:
+    """A report (plain JSON-able dict) on an adapter folder; `base` adds a strict fit check."""
+    folder = Path(folder)
+    config = read_config(folder)
+    manifest = read_manifest(folder)
+    weights = find_weights(folder)
+    tensors = dict(read_tensor_file(weights))
+    files = [weights]
+    llava_config = load_json(folder / "config.json")
+    is_llava = (folder / LLAVA_TRAINABLES).is_file() or "mm_projector_type" in llava_config
+    if (folder / LLAVA_TRAINABLES).is_file():
+        files.append(folder / LLAVA_TRAINABLES)
+        tensors.update(read_tensor_file(folder / LLAVA_TRAINABLES))
+
+    if base is not None:
+        base_folder, base_config, base_params = base_shapes(base)
+        family: Family | None = families.detect(base_config)
+    else:
+        family = guess_family(folder, config, manifest, is_llava, tensors)
+
+    report: dict[str, Any] = {
+        "kind": "adapter",
+        "path": str(folder),
+        "format": "llava" if is_llava else "peft",
+        "family": family.name if family else None,
+        "made_for": made_for(config, manifest),
+        "files": {f.name: f.stat().st_size for f in files},
+    }
+    modules, full, layouts = describe_keys(tensors, config, family)
+    fit: dict[str, Any] = {"checked": False, "note": "pass --base BASE to check that the adapter fits a base"}
+    if base is not None and family is not None:
+        fit = {"checked": True, "base": str(base), "base_family": family.name}
+        try:
+            adapter = read_adapter(folder, family, base_params, base_config)
+        except VlmtuneError as exc:
+            fit.update(fits=False, error=str(exc))
+        else:
+            modules = [
+                {
+                    "module": m.module,
+                    "role": family.role_of(m.module) or "other",
+                    "kind": m.kind,
+                    "r": m.r,
+                    "alpha": m.alpha,
+                    "scaling": m.scaling,
+                    "dora": m.magnitude is not None,
+                }
+                for m in adapter.lora.values()
+            ]
+            full = sorted(adapter.full)
+            layouts = sorted(adapter.layouts)
+            fit.update(fits=True, placed_tensors=len(tensors), lora_modules=len(adapter.lora))
+            fit["full_tensors"] = len(adapter.full)
+            if manifest is not None and manifest.base.fingerprint:
+                fit["same_base_as_training"] = manifest.base.fingerprint == checkpoint.fingerprint(
+                    base_folder
+                )
+    lora_names = {m["module"] for m in modules}
+    # PEFT saves the base weight of a LoRA-targeted lm_head/embedding beside its factors
+    # (`save_embedding_layers`): a copy of the base (or a resized/retrained one), not modules_to_save.
+    copies = [n for n in full if n.rsplit(".", 1)[0] in lora_names]
+    full = [n for n in full if n not in copies]
+    report["key_layouts"] = layouts
+    report["lora"] = summarize(modules, config)
+    report["full_modules"] = full_modules(full, family)
+    if copies:
+        report["base_weight_copies"] = copies
+    report["size"] = {
+        "tensors": len(tensors),
+        "parameters": sum(t.numel for t in tensors.values()),
+        "bytes": sum(t.nbytes for t in tensors.values()),
+        "dtypes": sorted({t.dtype for t in tensors.values()}),
+    }
+    report["fit"] = fit
+    report["vllm"] = vllm_report(modules, full, family, is_llava)
+    if manifest is not None:
+        report["manifest"] = {
+            "base": manifest.base.name_or_path,
+            "fingerprint": manifest.base.fingerprint,
+            "architecture": manifest.base.architecture,
+            "versions": manifest.versions,
+        }
+    return report
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def base_shapes(base: str | Path) -> tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]:
+    """(folder, config, runtime parameter shapes) of a base: from safetensors headers when the weights are
+    local, else from the module tree built on the meta device (no weights are downloaded)."""
+    from .reader import base_params_from_folder, base_params_from_model
+
+    folder = checkpoint.resolve(base, allow_patterns=["*.json"])
+    config = checkpoint.read_config(folder)
+    family = families.detect(config)
+    try:
+        return folder, config, base_params_from_folder(folder, family, config)
+    except checkpoint.CheckpointError:
+        from ..modeling import meta_model
+
+        return folder, config, base_params_from_model(meta_model(config))
+
+
+def made_for(config: Mapping[str, Any], manifest: Any) -> str | None:
+    if manifest is not None:
+        return manifest.base.name_or_path
+    return config.get("base_model_name_or_path")
+
+
+def declared_family(folder: Path, config: Mapping[str, Any]) -> Family | None:
+    """The family of the base an adapter says it was made for, when that base is a local folder (a PEFT
+    `base_model_name_or_path`); None when unknown. Catches adapters of one family loaded on another whose
+    language-model names happen to coincide."""
+    declared = config.get("base_model_name_or_path")
+    if not declared:
+        return None
+    path = Path(str(declared)).expanduser()
+    if not path.is_absolute():
+        path = folder / path if (folder / path).is_dir() else path
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        return families.detect(json.loads((path / "config.json").read_text()))
+    except (VlmtuneError, ValueError):
+        return None
+
+
+def guess_family(
+    folder: Path, config: Mapping[str, Any], manifest: Any, is_llava: bool, tensors: Mapping[str, Any]
+) -> Family | None:
+    if manifest is not None:
+        return families.get(manifest.base.family)
+    if is_llava:
+        return families.get("llava")
+    declared = declared_family(folder, config)
+    if declared is not None:
+        return declared
+    # The first family whose role prefixes take every key (Qwen2-VL and Qwen2.5-VL share prefixes; their
+    # roles agree, so either reads the same).
+    for family in families.FAMILIES.values():
+        if all(runtime_module(split_key(k).module, family)[1] is not None for k in tensors):
+            return family
+    return None
+
+
+def runtime_module(written: str, family: Family | None) -> tuple[str, str | None]:
+    """(runtime module path, role) for a module path as written, trying the family's layouts in order."""
+    if family is None:
+        return written, None
+    for _, renames in candidate_layouts(family):
+        name = apply_renames(renames, written + ".weight")[: -len(".weight")]
+        role = family.role_of(name)
+        if role is not None:
+            return name, role
+    return written, None
+
+
+def describe_keys(
+    tensors: Mapping[str, Any], config: Mapping[str, Any], family: Family | None
+) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """LoRA modules (rank from the tensors, alpha from the config), full tensors and the layouts seen,
+    without a base: what the keys say on their own."""
+    lora: dict[str, dict[str, Any]] = {}
+    full: list[str] = []
+    layouts: set[str] = set()
+    for key, tensor in tensors.items():
+        split = split_key(key)
+        name, _ = runtime_module(split.module, family)
+        if family is not None:
+            layouts.add(layout_of(split.module, family))
+        if not split.is_lora:
+            full.append(f"{name}.{split.slot}")
+            continue
+        entry = lora.setdefault(name, {"module": name, "written": split.module, "dora": False})
+        if split.slot in ("lora_A.weight", "lora_embedding_A"):
+            entry["r"] = tensor.shape[0]  # lora_A is (r, in) or (r, in, k...); lora_embedding_A is (r, vocab)
+            entry["kind"] = (
+                "embedding"
+                if split.slot == "lora_embedding_A"
+                else "conv"
+                if len(tensor.shape) > 2
+                else "linear"
+            )
+        if split.slot == "lora_magnitude_vector":
+            entry["dora"] = True
+    modules = []
+    for entry in lora.values():
+        r = int(entry.get("r", config.get("r", 8)))
+        alpha = float(
+            pattern_value(config.get("alpha_pattern") or {}, entry["written"], config.get("lora_alpha", r))
+        )
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules.append(
+            {
+                "module": entry["module"],
+                "role": (family.role_of(entry["module"]) if family else None) or "other",
+                "kind": entry.get("kind", "linear"),
+                "r": r,
+                "alpha": alpha,
+                "scaling": scaling,
+                "dora": entry["dora"],
+            }
+        )
+    return modules, sorted(full), sorted(layouts)
+
+
+def layout_of(written: str, family: Family) -> str:
+    for layout, renames in candidate_layouts(family):
+        name = apply_renames(renames, written + ".weight")[: -len(".weight")]
+        if family.role_of(name) is not None:
+            return layout
+    return "unknown"
+
+
+def summarize(modules: list[dict[str, Any]], config: Mapping[str, Any]) -> dict[str, Any]:
+    """LoRA modules grouped by role and (rank, alpha, scaling, kind): how many, on which layer names."""
+    groups: dict[str, dict[str, Any]] = {}
+    for m in sorted(modules, key=lambda m: (m["role"], m["r"], m["module"])):
+        scaling = round(m["scaling"], 6)
+        label = f"{m['role']} r={m['r']} alpha={m['alpha']:g} scaling={scaling:g}"
+        if m["kind"] != "linear":
+            label += f" {m['kind']}"
+        group = groups.setdefault(
+            label,
+            {
+                "role": m["role"],
+                "r": m["r"],
+                "alpha": m["alpha"],
+                "scaling": scaling,
+                "kind": m["kind"],
+                "modules": 0,
+                "layers": [],
+            },
+        )
+        group["modules"] += 1
+        leaf = m["module"].rsplit(".", 1)[-1]
+        if leaf not in group["layers"]:
+            group["layers"].append(leaf)
+    return {
+        "modules": len(modules),
+        "roles": sorted({m["role"] for m in modules}),
+        "ranks": sorted({m["r"] for m in modules}),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": any(m["dora"] for m in modules),
+        "groups": groups,
+    }
+
+
+def full_modules(full: list[str], family: Family | None) -> dict[str, Any]:
+    modules = sorted({name.rsplit(".", 1)[0] for name in full})
+    return {
+        "modules": modules,
+        "roles": sorted({(family.role_of(m) if family else None) or "other" for m in modules}),
+    }
+
+
+def vllm_report(
+    modules: list[dict[str, Any]], full: list[str], family: Family | None, is_llava: bool
+) -> dict[str, Any]:
+    """Whether vLLM can serve the adapter as it is, the flags it needs, and what to do otherwise."""
+    problems: list[str] = []
+    flags = ["--enable-lora"]
+    notes: list[str] = []
+    if family is not None and family.vllm_unsupported:
+        problems.append(
+            f"{family.vllm_unsupported}; run it un-merged with `vlmtune predict`/`vlmtune chat`, "
+            "or merge it and serve the merged model with transformers."
+        )
+    if is_llava:
+        problems.append(
+            "it is a LLaVA training output (non_lora_trainables.bin); vLLM reads PEFT adapter folders only. "
+            "Merge it into the HF Llava base with `vlmtune merge` and serve the merged model."
+        )
+    if full:
+        shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in full})[:4])
+        problems.append(
+            f"it trains whole modules ({shown}), stored as modules_to_save, which vLLM rejects (vllm #9280). "
+            "Merge it with `vlmtune merge` and serve the merged model."
+        )
+    if any(m["dora"] for m in modules):
+        problems.append("it is a DoRA adapter, which vLLM does not support. Merge it with `vlmtune merge`.")
+    head = [m["module"] for m in modules if m["role"] == "lm_head"]
+    if head:
+        problems.append(
+            f"it puts LoRA on {head[0]}, which vLLM rejects (vllm #21500; VLM-R1 targets it). "
+            "Merge it with `vlmtune merge`, or retrain without lm_head in the targets."
+        )
+    tower = sorted({m["role"] for m in modules if m["role"] in ("vision", "projector")})
+    if tower:
+        flags.append("--enable-tower-connector-lora")
+        notes.append(
+            f"it has LoRA on the {' and '.join(tower)}: vLLM applies it only with --enable-tower-connector-lora "
+            "and silently ignores it otherwise (vllm #23796)."
+        )
+    top = max((m["r"] for m in modules), default=0)
+    if top > VLLM_DEFAULT_RANK:
+        allowed = [r for r in VLLM_RANKS if r >= top]
+        if not allowed:
+            problems.append(f"its rank {top} exceeds vLLM's largest --max-lora-rank ({VLLM_RANKS[-1]}).")
+        else:
+            flags.append(f"--max-lora-rank {allowed[0]}")
+            notes.append(
+                f"its largest rank is {top}, above vLLM's default --max-lora-rank {VLLM_DEFAULT_RANK}."
+            )
+    return {"servable_as_is": not problems, "problems": problems, "flags": flags, "notes": notes}

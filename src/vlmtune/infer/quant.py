@@ -1,0 +1,60 @@
+"""Loading the base quantized (bitsandbytes 4-bit NF4 or 8-bit) under un-merged adapters.
+
+bitsandbytes needs a CUDA GPU; where there is none (or the package is missing) we say so in one sentence
+before loading anything, instead of letting transformers fail deep inside `from_pretrained`. Only the
+language model is quantized: the vision tower, projector and lm_head stay in the compute dtype (they are a
+small share of the weights, and LLaVA's own 4-bit path broke projector loading, LLaVA #433/#744).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from ..errors import VlmtuneError
+from ..families import Family
+
+MODES = ("4bit", "8bit")
+
+
+class QuantizationUnavailableError(VlmtuneError):
+    """The platform cannot load a bitsandbytes-quantized model."""
+
+
+def check_platform(mode: str) -> None:
+    """Raise a sentence the user can act on when `mode` cannot run here."""
+    import torch
+
+    if mode not in MODES:
+        raise VlmtuneError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)} (or leave it off).")
+    if not torch.cuda.is_available():
+        raise QuantizationUnavailableError(
+            f"--quantization {mode} needs an NVIDIA GPU with CUDA (bitsandbytes), and this machine has none; "
+            "run without --quantization (full precision works on CPU), or on a CUDA machine."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(
+            f"--quantization {mode} needs the bitsandbytes package, which is not installed; "
+            "run `pip install bitsandbytes` and try again."
+        )
+
+
+def skip_modules(family: Family) -> list[str]:
+    """Runtime module prefixes kept unquantized: vision tower, projector, lm_head."""
+    return [prefix for role, prefix in family.role_prefixes if role in ("vision", "projector", "lm_head")]
+
+
+def bnb_config(mode: str, family: Family, compute_dtype: Any) -> Any:
+    """The transformers `BitsAndBytesConfig` for `mode` (checks the platform first)."""
+    check_platform(mode)
+    from transformers import BitsAndBytesConfig
+
+    if mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=skip_modules(family),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(family))
