@@ -139,7 +139,8 @@ def diagnose(unplaced: list[SplitKey], family: Family, base_params: Mapping[str,
     for key in unplaced:
         parent = key.module.rsplit(".", 1)[0]
         placed_parent = any(
-            apply_renames(r, parent + ".x").rsplit(".", 1)[0] in containers for _, r in candidate_layouts(family)
+            apply_renames(r, parent + ".x").rsplit(".", 1)[0] in containers
+            for _, r in candidate_layouts(family)
         )
         (renamed if placed_parent else foreign).append(key)
     if renamed and not foreign:
