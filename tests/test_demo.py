@@ -37,6 +37,11 @@ def test_demo_runs_end_to_end_and_replaces_only_its_own_folder(tmp_path):
     assert {"accuracy_before", "accuracy_after", "chance", "train_seconds"} <= set(report)
     assert 0 <= report["accuracy_before"] <= 1 and 0 <= report["accuracy_after"] <= 1
     assert (out / "run" / "adapter" / "vlmtune.json").is_file()
+    # The life cycle closes: the merged folder, loaded with plain transformers, answers as the adapter did.
+    assert report["merged_answers_equal_unmerged"] == 1.0
+    assert report["accuracy_merged"] == report["accuracy_after"]
+    assert report["merge_verify_max_logit_diff"] < 1e-4
+    assert (out / "merged" / "model.safetensors").is_file()
 
     run_demo(out, steps=2, train_rows=8, eval_rows=4)  # a second run replaces the first
     assert json.loads((out / "report.json").read_text())["steps"] == 2

@@ -248,9 +248,12 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed for data, model and training")] = 0,
 ) -> None:
     """Train a tiny Qwen2-VL on a synthetic shapes task and report accuracy before/after (report.json)."""
+    from transformers.utils import logging as hf_logging
+
     from .demo import run_demo
 
     _console_logging()
+    hf_logging.disable_progress_bar()  # the demo loads and saves tiny models often: keep its output readable
     report = run_demo(out, steps=steps, seed=seed)
     typer.echo(json.dumps(report, indent=2))
 

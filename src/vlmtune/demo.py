@@ -1,9 +1,12 @@
-"""`make demo` / `vlmtune demo`: a tiny Qwen2-VL visibly learns a synthetic visual task on CPU.
+"""`make demo` / `vlmtune demo`: the whole LoRA life cycle on a tiny Qwen2-VL that visibly learns a
+synthetic visual task on CPU.
 
 Coloured shapes on light backgrounds; each row asks either "What colour is the shape?" (6 colours) or
-"What shape is it?" (4 shapes). The demo writes a tiny random model, measures greedy exact-match accuracy on
-held-out images, trains a LoRA on the language model with the projector trained fully (`vlmtune.train`),
-then loads the saved adapter dir with plain `PeftModel.from_pretrained` and measures again.
+"What shape is it?" (4 shapes). The demo writes a tiny random model and then, with vlmtune's own verbs:
+measures greedy exact-match accuracy of the base on held-out images (`predict`), trains a LoRA on the
+language model with the projector trained fully (`train`), measures the adapter un-merged (`predict`),
+merges it (`merge --verify`), and measures the merged folder loaded with plain transformers, which must
+answer as the un-merged adapter did.
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def chance(path: Path) -> float:
     return sum(1 / sizes[r["messages"][0]["content"].removeprefix("<image>")] for r in rows) / len(rows)
 
 
-def exact_match(model: Any, processor: Any, data: Path, batch_size: int = 32) -> float:
-    """Greedy generation on each row's question; an answer counts when it equals the reference exactly."""
+def exact_match(model: Any, processor: Any, data: Path, batch_size: int = 32) -> tuple[float, list[str]]:
+    """Greedy generation with plain transformers on each row's question (independent of vlmtune's engine);
+    an answer counts when it equals the reference exactly. Returns (accuracy, answers)."""
     import torch
 
     from .data import check_data, to_messages
@@ -116,6 +120,7 @@ def exact_match(model: Any, processor: Any, data: Path, batch_size: int = 32) ->
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     correct = 0
+    all_answers: list[str] = []
     try:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
@@ -136,9 +141,10 @@ def exact_match(model: Any, processor: Any, data: Path, batch_size: int = 32) ->
                 )
             answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(a.strip() == s.assistant_texts[-1] for a, s in zip(answers, batch, strict=True))
+            all_answers += answers
     finally:
         tokenizer.padding_side = side
-    return correct / len(samples)
+    return correct / len(samples), all_answers
 
 
 def prepare_out(out: Path) -> None:
@@ -162,10 +168,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo and write `out/report.json`; returns the report."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import tiny
+    from .infer.predict import predict
+    from .infer.types import BASE, GenerationSettings
+    from .merge import merge
     from .train import run as train_run
 
     started = time.perf_counter()
@@ -179,10 +187,9 @@ def run_demo(
     train_path = write_split(out / "data", "train", train_rows, seed)
     eval_path = write_split(out / "data", "eval", eval_rows, seed + 1)
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    before = exact_match(base, processor, eval_path)
-    del base
+    # Answers are one word: 4 new tokens are plenty, and keep the untrained base from rambling for 128.
+    short = {"settings": GenerationSettings(max_new_tokens=4), "batch_size": 32, "progress": False}
+    before = predict(model_dir, None, eval_path, out / "predictions" / "base.jsonl", **short)
 
     config = {
         **TRAIN_SETTINGS,
@@ -196,10 +203,16 @@ def run_demo(
     train_started = time.perf_counter()
     run_dir = train_run(config)
     train_seconds = time.perf_counter() - train_started
+    adapter = run_dir / "adapter"
 
-    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    tuned = PeftModel.from_pretrained(base, run_dir / "adapter").eval()
-    after = exact_match(tuned, AutoProcessor.from_pretrained(run_dir / "adapter"), eval_path)
+    after = predict(model_dir, {"demo": adapter}, eval_path, out / "predictions" / "adapter.jsonl", **short)
+    merged = merge(model_dir, adapter, out / "merged", verify=True)
+    model = AutoModelForImageTextToText.from_pretrained(merged.out, dtype=torch.float32).eval()
+    merged_accuracy, merged_answers = exact_match(model, AutoProcessor.from_pretrained(merged.out), eval_path)
+    unmerged_answers = [
+        json.loads(line)["prediction"]
+        for line in (out / "predictions" / "adapter.jsonl").read_text().splitlines()
+    ]
 
     report = {
         "task": "coloured shapes: 'What colour is the shape?' (6 colours) / 'What shape is it?' (4 shapes)",
@@ -208,12 +221,19 @@ def run_demo(
         "train_rows": train_rows,
         "eval_rows": eval_rows,
         "steps": steps,
-        "accuracy_before": round(before, 4),
-        "accuracy_after": round(after, 4),
+        "accuracy_before": round(before.scores[BASE].exact_match, 4),
+        "accuracy_after": round(after.scores["demo"].exact_match, 4),
+        "accuracy_merged": round(merged_accuracy, 4),
+        "merged_answers_equal_unmerged": sum(
+            a.strip() == b.strip() for a, b in zip(merged_answers, unmerged_answers, strict=True)
+        )
+        / len(merged_answers),
+        "merge_verify_max_logit_diff": merged.verification["max_abs_logit_diff"],
         "chance": round(chance(eval_path), 4),
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "adapter": str(run_dir / "adapter"),
+        "adapter": str(adapter),
+        "merged": str(merged.out),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
