@@ -11,6 +11,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config) -> None:
+    """One intra-op thread per test process: the models are tiny, and with pytest-xdist two workers with
+    two OpenMP threads each on 2 cores slow every step down many times over."""
+    import torch
+
+    torch.set_num_threads(1)
+
 FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "llava", "mllama")
 
 
