@@ -22,6 +22,33 @@ DECODER_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "u
 
 Renames = tuple[tuple[str, str], ...]
 
+# Sizes of `vlmtune tiny` checkpoints, shared by every family: (hidden, intermediate, layers, heads,
+# kv heads, vision width, vision depth, vision heads).
+TINY_SIZES = {
+    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
+    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
+}
+
+# Chat-template pieces: a message's text (string content or its text parts), and its content with each
+# image part replaced by the family's image marker.
+TEXT_CONTENT = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+)
+
+
+def content_with_images(image_marker: str, video_marker: str | None = None) -> str:
+    video = f"{{% elif part['type'] == 'video' or 'video' in part %}}{video_marker}" if video_marker else ""
+    return (
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}}{image_marker}"
+        f"{video}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+    )
+
 
 class UnsupportedModelError(VlmtuneError, ValueError):
     """The model is not one of the families vlmtune knows."""

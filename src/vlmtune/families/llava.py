@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family
+from .base import TEXT_CONTENT, TINY_SIZES, Family, content_with_images
 
 # transformers/conversion_mapping.py, "llava" + "LlavaModel" + "CLIPVisionModel".
 DISK_TO_RUNTIME = (
@@ -82,26 +82,15 @@ CHAT_TEMPLATE = (
     "<s>"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}<image>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '\\n' }}"
+    f"{{% elif message['role'] == 'user' %}}USER: {content_with_images('<image>' + chr(10))}{{{{ '\\n' }}}}"
     "{% else %}ASSISTANT:\n{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}</s>{% endgeneration %}{{ '\\n' }}"
+    f"{TEXT_CONTENT}</s>{{% endgeneration %}}{{{{ '\\n' }}}}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:\n{% endif %}"
 )
 
-SIZES = {
-    # hidden, intermediate, layers, heads, kv heads, vision width, vision depth, vision heads
-    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
-    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
-}
+SIZES = TINY_SIZES
 IMAGE_SIZE = 56
 PATCH_SIZE = 14
 

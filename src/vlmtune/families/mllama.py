@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family
+from .base import TEXT_CONTENT, TINY_SIZES, Family, content_with_images
 
 # transformers/conversion_mapping.py: "MllamaModel" -> "LlavaModel", plus the top-level renames.
 DISK_TO_RUNTIME = (
@@ -36,25 +36,15 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
     "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<|eot_id|>{% endgeneration %}"
+    f"{TEXT_CONTENT}<|eot_id|>{{% endgeneration %}}"
     "{% else %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}<|image|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|eot_id|>"
+    f"{content_with_images('<|image|>')}<|eot_id|>"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-SIZES = {
-    # hidden, intermediate, layers, heads, kv heads, vision width, vision depth, vision heads
-    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
-    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
-}
+SIZES = TINY_SIZES
 IMAGE_SIZE = 56
 MAX_TILES = 2
 

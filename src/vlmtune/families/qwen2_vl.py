@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Family
+from .base import TEXT_CONTENT, TINY_SIZES, Family, content_with_images
 
 LANGUAGE_TARGETS = (
     r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
@@ -46,26 +46,16 @@ CHAT_TEMPLATE = (
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['role'] == 'assistant' %}{% generation %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}<|im_end|>{% endgeneration %}{{ '\\n' }}"
+    f"{TEXT_CONTENT}<|im_end|>{{% endgeneration %}}{{{{ '\\n' }}}}"
     "{% else %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
+    f"{content_with_images('<|vision_start|><|image_pad|><|vision_end|>', '<|vision_start|><|video_pad|><|vision_end|>')}"
+    "<|im_end|>\n"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-SIZES = {
-    # hidden, intermediate, layers, heads, kv heads, vision width, vision depth, vision heads
-    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
-    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
-}
+SIZES = TINY_SIZES
 
 
 def mrope_section(hidden: int, heads: int) -> list[int]:
