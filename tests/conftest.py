@@ -19,6 +19,7 @@ def pytest_configure(config) -> None:
 
     torch.set_num_threads(1)
 
+
 FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "llava", "mllama")
 
 

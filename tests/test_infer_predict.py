@@ -135,9 +135,9 @@ def test_bad_rows_are_all_named_before_loading(tmp_path):
         read_prompts(write_jsonl(tmp_path / "d.jsonl", rows))
     message = str(err.value)
     assert "4 row(s)" in message
-    assert "line 1: the prompt has 2 <image> placeholder(s) but the row lists 1 image(s)" in message
-    assert "line 2: the prompt must end with a user turn" in message
-    assert "line 3: row has neither 'messages' nor 'conversations'" in message
+    assert "line 1: the text has 2 <image> placeholder(s) but the row lists 1 image(s)" in message
+    assert "line 2: turn 0 is assistant; a conversation starts with a user turn" in message
+    assert "line 3: row has neither 'messages'" in message
     assert "missing.png does not exist" in message
 
 
@@ -238,3 +238,20 @@ def test_cli_chat_reads_stdin(setup):
     )
     assert result.exit_code == 0, result.output
     assert "chatting with" in result.stdout and "/adapter NAME" in result.stdout
+
+
+def test_prompt_rows_share_the_training_reader_but_may_omit_the_answer(tmp_path):
+    """Prediction rows go through the training parser in prompt mode: no answer needed and an `adapter`
+    column allowed; in training mode both are row errors."""
+    from vlmtune.data.formats import parse_row, read_rows
+
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "adapter": "a"}]
+    )
+    (raw,) = read_rows(path)
+    sample, errors = parse_row(raw, prompt=True)
+    assert errors == [] and sample.turns[-1].role == "user"
+    _, errors = parse_row(raw)
+    assert {e.code for e in errors} == {"unknown_key", "no_assistant"}
+    (row,) = read_prompts(path)
+    assert (row.adapter, row.reference, row.prompt) == ("a", None, "hi")

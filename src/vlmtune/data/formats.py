@@ -26,6 +26,8 @@ ROW_KEYS = {
     "messages": {"messages", "images", "image", "id"},
     "conversations": {"conversations", "images", "image", "id"},
 }
+# Keys a prediction row may carry besides those (`vlmtune predict`: which adapter runs the row).
+PROMPT_KEYS = {"adapter"}
 TURN_KEYS = {"messages": ("role", "content"), "conversations": ("from", "value")}
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -178,8 +180,12 @@ def _read_hf(ds: Any, path: Path, base_dir: Path) -> Iterator[RawRow]:
 # -- parsing and validating one row -----------------------------------------------------------------------
 
 
-def parse_row(row: RawRow) -> tuple[Sample | None, list[RowError]]:
-    """Turn a raw row into a Sample, or give every reason it cannot be one (images are not opened here)."""
+def parse_row(row: RawRow, prompt: bool = False) -> tuple[Sample | None, list[RowError]]:
+    """Turn a raw row into a Sample, or give every reason it cannot be one (images are not opened here).
+
+    `prompt=True` reads a row for prediction: the final assistant turn (the reference answer) is optional,
+    and the row may name its `adapter`.
+    """
     if row.error is not None:
         return None, [row.error]
     where, value = row.where, row.value
@@ -203,13 +209,16 @@ def parse_row(row: RawRow) -> tuple[Sample | None, list[RowError]]:
         )
         return None, errors
     fmt = formats[0]
-    unknown = sorted(k for k, v in value.items() if k not in ROW_KEYS[fmt] and v is not None)
+    allowed = ROW_KEYS[fmt] | (PROMPT_KEYS if prompt else set())
+    unknown = sorted(k for k, v in value.items() if k not in allowed and v is not None)
     if unknown:
-        fail("unknown_key", f"unknown key(s) {unknown} in a '{fmt}' row; allowed: {sorted(ROW_KEYS[fmt])}.")
+        fail("unknown_key", f"unknown key(s) {unknown} in a '{fmt}' row; allowed: {sorted(allowed)}.")
+    if prompt and value.get("adapter") is not None and not isinstance(value["adapter"], str):
+        fail("adapter_type", f"'adapter' must be the name of a loaded adapter (got {value['adapter']!r}).")
     images = _parse_images(value, row.base_dir, fail)
     turns = _parse_turns(value[fmt], fmt, fail)
     if turns is not None:
-        _check_order(turns, fail)
+        _check_order(turns, fail, answer_required=not prompt)
         _check_empty(turns, fail)
         _check_placeholders(turns, images, fail)
     if errors or turns is None or images is None:
@@ -327,8 +336,9 @@ def _content_text(content: Any, label: str, fail: Any) -> str | None:
     return None
 
 
-def _check_order(turns: list[Turn], fail: Any) -> None:
-    """Optional system turn first, then user/assistant alternating, ending with an assistant reply."""
+def _check_order(turns: list[Turn], fail: Any, answer_required: bool = True) -> None:
+    """Optional system turn first, then user/assistant alternating, ending with an assistant reply (or, for
+    prediction prompts, with the user turn to answer)."""
     body = turns
     for i, turn in enumerate(turns):
         if turn.role == "system" and i > 0:
@@ -355,7 +365,7 @@ def _check_order(turns: list[Turn], fail: Any) -> None:
                 f"turns {offset + i - 1} and {offset + i} are both {body[i].role} turns; user and assistant turns must alternate.",
             )
             return
-    if body[-1].role != "assistant":
+    if body[-1].role != "assistant" and answer_required:
         fail(
             "no_assistant",
             f"the last turn ({offset + len(body) - 1}) is a user turn with no assistant reply; add the reply or drop the turn.",

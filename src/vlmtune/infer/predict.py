@@ -162,19 +162,11 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def prompt_text(messages: list[dict[str, Any]]) -> str:
-    """The last user turn as text, `<image>` where each image goes (what a reader of preds.jsonl needs)."""
-    content = messages[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") if p.get("type") == "text" else "<image>" for p in content)
-
-
 def output_row(row: PromptRow, result: Generation) -> dict[str, Any]:
     record: dict[str, Any] = {
         "id": row.id,
         "adapter": result.adapter,
-        "prompt": prompt_text(row.messages),
+        "prompt": row.prompt,
         "prediction": result.text,
     }
     if row.reference is not None:
