@@ -28,6 +28,8 @@ from .tensors import LazyTensor, read_tensor_file
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 LLAVA_TRAINABLES = "non_lora_trainables.bin"
+# PEFT's `target_modules` value for "no LoRA layer, only modules_to_save" (peft.utils.constants).
+DUMMY_TARGET_MODULES = "dummy-target-modules"
 
 # adapter_config.json settings that change what the weights mean and that vlmtune does not implement.
 # (Each must be absent, None, False or empty.)
@@ -103,7 +105,8 @@ class Adapter:
             "peft_type": "LORA",
             "r": r,
             "lora_alpha": alpha,
-            "target_modules": sorted(self.lora),
+            # An adapter with no LoRA layer (a projector-only stage 1) gets PEFT's own marker for "none".
+            "target_modules": sorted(self.lora) or DUMMY_TARGET_MODULES,
             "rank_pattern": {exact(m.module): m.r for m in self.lora.values() if m.r != r},
             "alpha_pattern": {exact(m.module): m.alpha for m in self.lora.values() if m.alpha != alpha},
             "modules_to_save": self.full_modules or None,
