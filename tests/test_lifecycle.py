@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_infer_fixtures import IMAGE_PROMPT, image, peft_logits
 
 import vlmtune
+from test_infer_fixtures import IMAGE_PROMPT, image, peft_logits
 from vlmtune.demo import write_split
 from vlmtune.infer import Request
 from vlmtune.train import run
