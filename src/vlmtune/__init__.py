@@ -1,4 +1,4 @@
-"""vlmtune: train, run, merge and serve LoRA adapters of vision-language models."""
+"""vlmtune: train, run un-merged, merge and inspect LoRA adapters of vision-language models."""
 
 from __future__ import annotations
 

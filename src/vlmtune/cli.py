@@ -13,7 +13,7 @@ from .errors import VlmtuneError
 
 app = typer.Typer(
     name="vlmtune",
-    help="The LoRA life cycle of vision-language models: train, run un-merged, merge, serve.",
+    help="The LoRA life cycle of vision-language models: train, run un-merged, merge, inspect.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

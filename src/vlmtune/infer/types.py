@@ -74,7 +74,7 @@ class Generation:
 
 @dataclass
 class AdapterInfo:
-    """What the engine knows about a loaded adapter (also what `serve` lists)."""
+    """What the engine knows about a loaded adapter."""
 
     name: str
     path: Path
