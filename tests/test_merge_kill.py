@@ -29,21 +29,25 @@ def big(tiny_model, tmp_path_factory):
     return base, adapter
 
 
+def merge_command(base: Path, adapter: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vlmtune",
+        "merge",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(out),
+    ]
+
+
 def start_and_stop_midway(base: Path, adapter: Path, out: Path) -> tuple[subprocess.Popen, Path]:
     """Start `vlmtune merge`, and SIGSTOP it as soon as its temp folder holds a shard being written."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vlmtune",
-            "merge",
-            "--base",
-            str(base),
-            "--adapter",
-            str(adapter),
-            "--out",
-            str(out),
-        ],
+        merge_command(base, adapter, out),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -78,18 +82,7 @@ def test_sigkill_midway_leaves_no_output_and_base_untouched(big, tmp_path):
     assert tree_checksums(base) == before
     # a rerun is unaffected by the leftover temp folder
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vlmtune",
-            "merge",
-            "--base",
-            str(base),
-            "--adapter",
-            str(adapter),
-            "--out",
-            str(out),
-        ],
+        merge_command(base, adapter, out),
         env=ENV,
         capture_output=True,
         text=True,

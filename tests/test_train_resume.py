@@ -24,14 +24,6 @@ KILL_AT = 4
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(base, data, out) -> dict:
     return {
         "model": str(base),

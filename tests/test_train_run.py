@@ -25,15 +25,6 @@ from vlmtune.train import run
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and two test workers share two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class KeepModel(TrainerCallback):
     """Holds the in-memory model at the end of training (the reference the saved adapter must reproduce)."""
 

@@ -18,14 +18,6 @@ from vlmtune.train import run
 PROJECTOR = "model.visual.merger"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class AtStart(TrainerCallback):
     """Copies the trainable weights and the optimizer's groups when training starts."""
 
