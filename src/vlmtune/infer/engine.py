@@ -6,9 +6,10 @@ fail with the cause and the fix). PEFT then gets a `LoraConfig` and a state dict
 and the load is checked again: no unexpected key and no missing LoRA key for the new adapter, so PEFT's
 "missing adapter keys" warning is never the only signal.
 
-Generation batches requests; rows with different adapters share a forward through PEFT's
-`adapter_names=` where that is exact (language-model-only adapters) and run grouped by adapter where it
-is not (see `batching`).
+Generation batches requests; rows with different adapters share a forward where that is exact
+(language-model-only adapters): plain LoRA layers through `mixed` (all adapters of a batch in two matmuls),
+other layers through PEFT's per-row `adapter_names` routing; adapters with LoRA in the vision tower or
+DoRA run grouped by adapter (see `batching`).
 """
 
 from __future__ import annotations
