@@ -247,7 +247,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="training steps")] = 800,
     seed: Annotated[int, typer.Option(help="seed for data, model and training")] = 0,
 ) -> None:
-    """Train a tiny Qwen2-VL on a synthetic shapes task and report accuracy before/after (report.json)."""
+    """The life cycle on a tiny Qwen2-VL: predict, train, predict un-merged, merge, reload (report.json)."""
     from transformers.utils import logging as hf_logging
 
     from .demo import run_demo
