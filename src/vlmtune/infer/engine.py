@@ -15,7 +15,6 @@ DoRA run grouped by adapter (see `batching`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import re
 import threading
@@ -29,8 +28,8 @@ import torch
 
 from .. import checkpoint, families
 from ..adapters.inspect import declared_family
-from ..adapters.layout import AdapterKeyError
 from ..adapters.manifest import read_manifest
+from ..adapters.peft_bridge import load_weights, lora_config
 from ..adapters.reader import Adapter, AdapterFormatError, base_params_from_model, read_adapter
 from ..adapters.reader import read_config as read_adapter_config
 from ..adapters.tensors import to_torch
@@ -318,7 +317,7 @@ class Engine:
             self._drop_base_copies(adapter)
             processor_key = self._adapter_processor(path)
             mixable, because = self._mixability(adapter)
-            config, dropped = peft_config(adapter)
+            config, dropped = lora_config(adapter)
             warnings_ = self._base_warnings(adapter, path)
             if dropped:
                 warnings_.append(
@@ -359,33 +358,23 @@ class Engine:
             if self.default_adapter == name:
                 self.default_adapter = None
 
-    def _attach(self, user_name: str, config: dict[str, Any], adapter: Adapter) -> None:
-        from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+    def _attach(self, user_name: str, config: Any, adapter: Adapter) -> None:
+        from peft import PeftModel
 
         self._active = None
 
         name = peft_name(user_name)
-        lora_config = LoraConfig(**config)
         first = self.peft is None
         with warnings.catch_warnings():
             # PEFT 0.21 asks transformers 5 a deprecated question; nothing for our users to act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if first:
-                self.peft = PeftModel(self.base_model, lora_config, adapter_name=name)
+                self.peft = PeftModel(self.base_model, config, adapter_name=name)
                 self.model = self.peft
             else:
-                self.peft.add_adapter(name, lora_config)
+                self.peft.add_adapter(name, config)
         try:
-            state = {key: to_torch(t) for key, t in adapter.peft_state_dict().items()}
-            result = set_peft_model_state_dict(self.peft, state, adapter_name=name)
-            mine = re.compile(rf"\.{re.escape(name)}(\.|$)")
-            missing = [k for k in result.missing_keys if mine.search(k)]
-            if result.unexpected_keys or missing:
-                raise AdapterKeyError(
-                    f"{adapter.path}: PEFT did not take the adapter as vlmtune placed it (unexpected keys: "
-                    f"{result.unexpected_keys[:5]}, missing keys: {missing[:5]}). This is a vlmtune bug; "
-                    "please report it with the output of `vlmtune inspect` for this adapter."
-                )
+            load_weights(self.peft, adapter, name)
         except BaseException:
             if first:
                 self._unwrap()
@@ -757,19 +746,6 @@ def check_supported(adapter: Adapter) -> None:
             f"{adapter.path}: adapter_config.json has bias={bias!r} (trained base biases), which vlmtune's "
             "un-merged inference does not support; merge the adapter into the base instead."
         )
-
-
-def peft_config(adapter: Adapter) -> tuple[dict[str, Any], list[str]]:
-    """The adapter's LoraConfig kwargs for the installed PEFT (inference mode, weights loaded after
-    creation) and the keys this PEFT version does not know."""
-    from peft import LoraConfig
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    config = adapter.peft_config()
-    dropped = sorted(k for k, v in config.items() if k not in known and v not in (None, False, {}, [], ""))
-    config = {k: v for k, v in config.items() if k in known}
-    config.update(inference_mode=True, init_lora_weights=True)
-    return config, dropped
 
 
 def processor_signature(processor: Any) -> str:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..adapters.peft_bridge import load_weights, lora_config
 from ..adapters.reader import Adapter
-from ..adapters.tensors import to_torch
 from .plan import MergeError
 
 # max |merged - reference| allowed, relative to max(1, max |reference logit|), per output dtype.
@@ -59,37 +59,18 @@ def probes(processor: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def lora_config(adapter: Adapter) -> Any:
-    from peft import LoraConfig
-
-    fields = set(LoraConfig.__dataclass_fields__)
-    cfg = {k: v for k, v in adapter.peft_config().items() if k in fields}
-    cfg.update(inference_mode=True, init_lora_weights=True)
-    cfg.pop("peft_type", None)
-    cfg.pop("task_type", None)
-    return LoraConfig(**cfg)
-
-
 def attach(model: Any, adapter: Adapter) -> Any:
     """base + adapter as a PEFT model, from vlmtune's placed tensors (so legacy and LLaVA layouts load
     the same as runtime ones); fails on any tensor PEFT does not take."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
 
     if adapter.config.get("fan_in_fan_out") and any(m.kind == "linear" for m in adapter.lora.values()):
         raise MergeError(
             f"{adapter.path}: fan_in_fan_out=True on nn.Linear layers cannot run un-merged in PEFT (it resets the "
             "flag), so --verify has no reference; the merge itself applies the documented math. Run without --verify."
         )
-    peft_model = get_peft_model(model, lora_config(adapter))
-    state = {k: to_torch(t) for k, t in adapter.peft_state_dict().items()}
-    result = set_peft_model_state_dict(peft_model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k or "modules_to_save" in k]
-    if unexpected or missing:
-        raise MergeError(
-            f"--verify: PEFT did not take adapter {adapter.path} as placed (unexpected {unexpected[:3]}, "
-            f"missing {missing[:3]})."
-        )
+    peft_model = get_peft_model(model, lora_config(adapter)[0])
+    load_weights(peft_model, adapter, "default")
     return peft_model.eval()
 
 
