@@ -128,18 +128,7 @@ def test_cli_is_light_and_refusals_are_one_line(tiny_model, tmp_path):
     assert "HEAVY []" in ok.stdout
     assert "merged into" in ok.stdout and "check:" in ok.stdout
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vlmtune",
-            "merge",
-            "--base",
-            str(base),
-            "--adapter",
-            str(adapter),
-            "--out",
-            str(base / "x"),
-        ],
+        merge_command(base, adapter, base / "x"),
         env=ENV,
         capture_output=True,
         text=True,
