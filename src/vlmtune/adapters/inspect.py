@@ -19,9 +19,7 @@ from .. import checkpoint, families
 from ..errors import VlmtuneError
 from ..families import Family, apply_renames
 from .layout import candidate_layouts, split_key
-from .manifest import read_manifest
-from .reader import LLAVA_TRAINABLES, find_weights, pattern_value, read_adapter, read_config
-from .tensors import read_tensor_file
+from .reader import pattern_value, read_adapter, read_files
 
 # vLLM (0.33): `--max-lora-rank` takes one of these values and defaults to 16.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -30,17 +28,15 @@ VLLM_DEFAULT_RANK = 16
 
 def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     """A report (plain JSON-able dict) on an adapter folder; `base` adds a strict fit check."""
-    folder = Path(folder)
-    config = read_config(folder)
-    manifest = read_manifest(folder)
-    weights = find_weights(folder)
-    tensors = dict(read_tensor_file(weights))
-    files = [weights]
-    llava_config = load_json(folder / "config.json")
-    is_llava = (folder / LLAVA_TRAINABLES).is_file() or "mm_projector_type" in llava_config
-    if (folder / LLAVA_TRAINABLES).is_file():
-        files.append(folder / LLAVA_TRAINABLES)
-        tensors.update(read_tensor_file(folder / LLAVA_TRAINABLES))
+    found = read_files(folder)
+    folder, config, manifest, tensors, files = (
+        found.folder,
+        found.config,
+        found.manifest,
+        found.tensors,
+        found.files,
+    )
+    is_llava = found.format == "llava"
 
     if base is not None:
         base_folder, base_config, base_params = base_shapes(base)
@@ -51,7 +47,7 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
     report: dict[str, Any] = {
         "kind": "adapter",
         "path": str(folder),
-        "format": "llava" if is_llava else "peft",
+        "format": found.format,
         "family": family.name if family else None,
         "made_for": made_for(config, manifest),
         "files": {f.name: f.stat().st_size for f in files},
@@ -111,10 +107,6 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
             "versions": manifest.versions,
         }
     return report
-
-
-def load_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def base_shapes(base: str | Path) -> tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]:

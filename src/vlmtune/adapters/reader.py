@@ -179,6 +179,51 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
+@dataclass
+class AdapterFiles:
+    """What an adapter folder holds, read but not yet placed on any base."""
+
+    folder: Path
+    format: str  # 'peft' | 'llava'
+    config: dict[str, Any]  # adapter_config.json
+    manifest: Manifest | None
+    files: list[Path]  # the tensor files read
+    tensors: dict[str, LazyTensor]  # every tensor by its key in the files
+    foreign_config: dict[str, Any]  # a LLaVA training output's config.json ({} otherwise)
+
+
+def read_files(path: str | Path) -> AdapterFiles:
+    """Read an adapter folder's config, manifest and tensors; a LLaVA output's `non_lora_trainables.bin`
+    (told apart by that file or by `mm_projector_type` in its config.json, never by the folder name) is
+    read beside the LoRA weights."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"adapter folder {folder} does not exist.")
+    config = read_config(folder)
+    weights = find_weights(folder)
+    files = [weights]
+    tensors = dict(read_tensor_file(weights))
+    trainables = folder / LLAVA_TRAINABLES
+    foreign_path = folder / "config.json"
+    foreign = json.loads(foreign_path.read_text()) if foreign_path.is_file() else {}
+    is_llava = trainables.is_file() or "mm_projector_type" in foreign
+    if trainables.is_file():
+        files.append(trainables)
+        for key, t in read_tensor_file(trainables).items():
+            if key in tensors:
+                raise AdapterFormatError(f"{folder}: {key} is in both {weights.name} and {LLAVA_TRAINABLES}.")
+            tensors[key] = t
+    return AdapterFiles(
+        folder,
+        "llava" if is_llava else "peft",
+        config,
+        read_manifest(folder),
+        files,
+        tensors,
+        foreign if is_llava else {},
+    )
+
+
 def read_adapter(
     path: str | Path,
     family: Family,
@@ -191,42 +236,25 @@ def read_adapter(
     Linear even when quantized). Raises before anything is loaded into a model when a key cannot be placed,
     a shape does not fit, or a setting cannot be applied.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise AdapterFormatError(f"adapter folder {folder} does not exist.")
-    config = read_config(folder)
-    manifest = read_manifest(folder)
+    found = read_files(path)
+    folder, config, manifest, tensors = found.folder, found.config, found.manifest, found.tensors
     if manifest is not None and manifest.base.family != family.name:
         raise AdapterFormatError(
             f"{folder} was trained on a {manifest.base.family} model ({manifest.base.name_or_path}) but the base "
             f"is a {family.name} model; pass the base it was trained on."
         )
-    weights = find_weights(folder)
-    files = [weights]
-    tensors = dict(read_tensor_file(weights))
-    fmt = "peft"
-    llava_trainables = folder / LLAVA_TRAINABLES
-    llava_config = folder / "config.json"
-    foreign_cfg = json.loads(llava_config.read_text()) if llava_config.is_file() else {}
-    if llava_trainables.is_file() or "mm_projector_type" in foreign_cfg:
-        fmt = "llava"
+    if found.format == "llava":
         check = family.foreign_checks.get("llava_original")
         if check is None:
             raise AdapterFormatError(
                 f"{folder} is a LLaVA training output (non_lora_trainables.bin / mm_* config), but the base is a "
                 f"{family.name} model; LLaVA outputs load onto a llava base."
             )
-        check(foreign_cfg, dict(base_config or {}), base_params, folder)
-        if llava_trainables.is_file():
-            files.append(llava_trainables)
-            for key, t in read_tensor_file(llava_trainables).items():
-                if key in tensors:
-                    raise AdapterFormatError(
-                        f"{folder}: {key} is in both {weights.name} and {LLAVA_TRAINABLES}."
-                    )
-                tensors[key] = t
+        check(found.foreign_config, dict(base_config or {}), base_params, folder)
     placements = place(tensors, family, base_params, source=str(folder))
-    adapter = Adapter(folder, fmt, config, {}, {}, {p.layout for p in placements}, manifest, files)
+    adapter = Adapter(
+        folder, found.format, config, {}, {}, {p.layout for p in placements}, manifest, found.files
+    )
     build_modules(adapter, placements, tensors, base_params)
     return adapter
 
