@@ -113,6 +113,7 @@ def test_failed_add_leaves_the_engine_as_it_was(qwen, tmp_path):
     ("change", "match"),
     [
         ({"init_lora_weights": "pissa"}, "subtracts the initial factors from the base weights"),
+        ({"init_lora_weights": "loftq"}, "LoftQ and LoRA-GA replace them"),
         ({"bias": "all"}, "bias='all'"),
         ({"peft_type": "IA3"}, "peft_type IA3 is not supported"),
         ({"use_qalora": True}, "QA-LoRA"),

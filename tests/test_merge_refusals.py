@@ -137,7 +137,7 @@ def test_base_rewriting_init(setup, tmp_path, init):
     config = json.loads((bad / "adapter_config.json").read_text())
     config["init_lora_weights"] = init
     (bad / "adapter_config.json").write_text(json.dumps(config))
-    # (the shared adapter reader refuses some of these itself; the merge refuses all of them)
+    # (the shared adapter reader refuses them, for the merge and un-merged inference alike)
     refuse(VlmtuneError, "init_lora_weights", base, bad, tmp_path / "out")
 
 

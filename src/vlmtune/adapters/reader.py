@@ -47,9 +47,10 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
-# init_lora_weights values whose initialisation rewrites the base weights (W <- W - B0 A0): an adapter saved
-# without PEFT's conversion to plain LoRA is only right on that modified base.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+# init_lora_weights values whose initialisation rewrites the base weights (PiSSA/OLoRA/CorDA: W <- W - B0 A0;
+# LoftQ/LoRA-GA replace W): an adapter saved without PEFT's conversion to plain LoRA is only right on that
+# modified base, for un-merged inference and merge alike.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class AdapterFormatError(VlmtuneError):
@@ -172,9 +173,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise AdapterFormatError(
-            f"{path}: init_lora_weights={init!r}: that initialisation subtracts the initial factors from the "
-            "base weights, so these factors are only right on that modified base. Convert the adapter to a plain "
-            "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+            f"{path}: init_lora_weights={init!r}: that initialisation rewrites the base weights (for PiSSA, OLoRA "
+            "and CorDA it subtracts the initial factors from the base weights; LoftQ and LoRA-GA replace them), so "
+            "these factors are only right on that modified base. Convert the adapter to a plain LoRA first (PEFT: "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
     return config
 

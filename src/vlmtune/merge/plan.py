@@ -37,9 +37,6 @@ DTYPES: dict[str, str | None] = {
 }
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")
-# `init_lora_weights` values whose initialisation rewrites the base weights (PiSSA/CorDA/OLoRA subtract
-# the initial LoRA from W; LoftQ/LoRA-GA replace W): such an adapter only fits the rewritten base.
-BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 class MergeError(VlmtuneError):
@@ -151,16 +148,6 @@ def check_output_location(out: Path, base: Path, adapters: Sequence[Path]) -> No
             raise MergeError(f"--out {out} is or contains the adapter folder {a}; choose another folder.")
 
 
-def check_adapter_settings(adapter: Adapter) -> None:
-    init = adapter.config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-        raise MergeError(
-            f"{adapter.path}: init_lora_weights={init!r} rewrites the base weights at initialisation, so this "
-            "adapter only fits that rewritten base. Re-save it converted to plain LoRA (PEFT: save_pretrained("
-            "..., path_initial_model_for_weight_conversion=...)) and merge that."
-        )
-
-
 def invert_prefix(family: Family, runtime: str) -> list[str]:
     """On-disk spellings of a runtime name, from the family's simple prefix renames (for a tensor the
     base does not store, such as a tied lm_head)."""
@@ -239,8 +226,6 @@ def build_plan(
     layout = family.disk_layout(index)
     params = base_params_from_folder(base, family, config)
     adapters = [read_adapter(p, family, params, config) for p in adapter_paths]
-    for a in adapters:
-        check_adapter_settings(a)
 
     tied = families.tied_embeddings(config)
     head = f"{family.prefix_of('lm_head')}.weight"
