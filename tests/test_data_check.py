@@ -210,7 +210,7 @@ def test_cli_data_check_lists_rows_and_fails(corpus):
 
 
 def test_training_refuses_invalid_rows_unless_skipping(tiny_model, corpus, tmp_path):
-    from vlmtune.train import run
+    from vlmtune.training import run
 
     config = {
         "model": str(tiny_model("qwen2_vl")),

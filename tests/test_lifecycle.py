@@ -15,7 +15,7 @@ import vlmtune
 from test_infer_fixtures import IMAGE_PROMPT, image, peft_logits
 from vlmtune.demo import write_split
 from vlmtune.infer import Request
-from vlmtune.train import run
+from vlmtune.training import run
 
 
 @pytest.fixture(scope="module")

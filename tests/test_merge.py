@@ -31,7 +31,7 @@ from test_merge_support import (
     unmerged_model,
 )
 from vlmtune import checkpoint
-from vlmtune.merge import merge
+from vlmtune.merging import merge
 
 
 def check_against_peft(
@@ -423,7 +423,7 @@ def test_python_api_spellings(tiny_model, tmp_path):
     base = tiny_model("mllama")
     adapter = make_adapter(base, tmp_path / "a")
     r1 = vlmtune.merge(base, adapter, tmp_path / "o1")
-    r2 = vlmtune.merge.merge(base, [str(adapter)], str(tmp_path / "o2"))
+    r2 = vlmtune.merging.merge(base, [str(adapter)], str(tmp_path / "o2"))
     assert r1.tensors == r2.tensors
     assert (tmp_path / "o1" / "model.safetensors").read_bytes() == (
         tmp_path / "o2" / "model.safetensors"
@@ -454,8 +454,8 @@ def test_memory_stays_at_a_block(tiny_model, tmp_path):
 
 def test_output_does_not_depend_on_threads(tiny_model, tmp_path):
     """Blocks are computed on a thread pool; the bytes written are the same with 1 or 3 threads."""
-    from vlmtune.merge.plan import build_plan
-    from vlmtune.merge.stream import write_shards
+    from vlmtune.merging.plan import build_plan
+    from vlmtune.merging.stream import write_shards
 
     base = tiny_model("qwen2_5_vl", max_shard_size="200KB")
     adapter = make_adapter(base, tmp_path / "a", use_dora=True, modules_to_save=["model.visual.merger"])

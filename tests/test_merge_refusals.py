@@ -13,7 +13,7 @@ from test_merge_support import CONV, make_adapter, tree_checksums
 from vlmtune.checkpoint import CheckpointError
 from vlmtune.errors import VlmtuneError
 from vlmtune.fsutil import OutputExistsError
-from vlmtune.merge import MergeError, merge
+from vlmtune.merging import MergeError, merge
 
 
 @pytest.fixture(scope="module")

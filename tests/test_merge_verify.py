@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from test_merge_support import family_of, make_adapter, projector, to_bf16_base
-from vlmtune.merge import MergeError, merge
-from vlmtune.merge.check import check_written
-from vlmtune.merge.plan import build_plan
-from vlmtune.merge.verify import verify
+from vlmtune.merging import MergeError, merge
+from vlmtune.merging.check import check_written
+from vlmtune.merging.plan import build_plan
+from vlmtune.merging.verify import verify
 
 
 def test_verify_passes_and_is_recorded(tiny_model, family_name, tmp_path):

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from vlmtune.config import ConfigError
 from vlmtune.demo import write_split
-from vlmtune.train import run
+from vlmtune.training import run
 
 KILL_AT = 4
 STEPS = 6
@@ -50,7 +50,7 @@ KILLER = textwrap.dedent(
     import json, os, signal, sys
     import torch
     from transformers import TrainerCallback
-    from vlmtune.train import run
+    from vlmtune.training import run
 
     class KillAfterCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

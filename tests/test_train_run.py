@@ -20,7 +20,7 @@ from vlmtune.adapters.save import missing_files
 from vlmtune.data import check_data
 from vlmtune.data.collate import Collator, SampleDataset
 from vlmtune.demo import write_split
-from vlmtune.train import run
+from vlmtune.training import run
 
 STEPS = 6
 
@@ -174,7 +174,7 @@ def test_run_dir_and_checkpoints_are_complete(trained, family_name):
 
 def test_loss_from_supervised_logits_only_equals_the_models_own_loss(tiny_model, family_name, tmp_path):
     """Training projects onto the vocabulary only where a label follows; the loss must not change."""
-    from vlmtune.train.loss import supervised_token_loss
+    from vlmtune.training.loss import supervised_token_loss
 
     base = tiny_model(family_name)
     processor = AutoProcessor.from_pretrained(base)

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 from vlmtune.adapters.save import AdapterError
 from vlmtune.adapters.targets import NO_LORA_TARGETS
 from vlmtune.demo import write_split
-from vlmtune.train import run
+from vlmtune.training import run
 
 PROJECTOR = "model.visual.merger"
 

@@ -18,7 +18,7 @@ from vlmtune import families
 from vlmtune.adapters.targets import NO_LORA_TARGETS, TargetError, plan_targets
 from vlmtune.cli import app
 from vlmtune.config import ConfigError
-from vlmtune.train import dry_run
+from vlmtune.training import dry_run
 
 SETTINGS = {
     "default": {},

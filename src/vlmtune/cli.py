@@ -68,7 +68,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT")] = False,
 ) -> None:
     """Merge LoRA adapter(s) into the base, streaming tensor by tensor, into a standalone model folder."""
-    from .merge import merge as run_merge
+    from .merging import merge as run_merge
 
     result = run_merge(
         base,
@@ -204,7 +204,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False,
 ) -> None:
     """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/)."""
-    from . import train as training
+    from . import training
 
     _console_logging()
     if dry_run:

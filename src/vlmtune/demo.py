@@ -173,8 +173,8 @@ def run_demo(
     from . import tiny
     from .infer.predict import predict
     from .infer.types import BASE, GenerationSettings
-    from .merge import merge
-    from .train import run as train_run
+    from .merging import merge
+    from .training import run as train_run
 
     started = time.perf_counter()
     # One intra-op thread: for a model this small, threads cost more than they give, and on a machine

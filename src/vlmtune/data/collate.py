@@ -84,7 +84,7 @@ class Collator:
         self.max_length = max_length
         self.seed = seed
         # Add `logits_to_keep`: the model then projects onto the vocabulary only where a label follows
-        # (see vlmtune.train.loss); the full (batch, length, vocab) logits are never built.
+        # (see vlmtune.training.loss); the full (batch, length, vocab) logits are never built.
         self.supervised_logits_only = supervised_logits_only
         self.use_markers = has_generation_markers(processor)
         self.image_token_id = _image_token_id(processor)
