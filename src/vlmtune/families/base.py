@@ -94,6 +94,15 @@ class Family:
     # Whether the processor can batch rows without images together with rows that have images (Mllama's
     # cannot in transformers 5.23: its aspect-ratio tensors then cover only the image rows).
     mixed_image_batches: bool = True
+    # Packed (padding-free) batches, see vlmtune.data.packing. How each sample's position ids are built:
+    # "1d" (0..L-1 per sample; transformers' mask builders isolate samples where positions restart),
+    # "rope_index" (Qwen-style multi-row rotary ids from `rope_index_model`'s own `get_rope_index`, per
+    # sample, with the 1-D text row prepended so transformers still sees the restarts), or "" where the
+    # family has no exact packed path; then `packing_unsupported` says why. Packing also assumes the
+    # processor's non-token tensors (pixels, grids, sizes) concatenate along dim 0 across samples.
+    packed_positions: str = ""
+    rope_index_model: str = ""
+    packing_unsupported: str = "vlmtune has no verified exact packed path for it"
 
     # -- roles ---------------------------------------------------------------------------------------
     def role_of(self, name: str) -> str | None:

@@ -172,4 +172,5 @@ FAMILY = Family(
     special_tokens=SPECIAL_TOKENS,
     token_roles={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"},
     chat_template=CHAT_TEMPLATE,
+    packed_positions="1d",
 )

@@ -145,4 +145,8 @@ FAMILY = Family(
     },
     chat_template=CHAT_TEMPLATE,
     mixed_image_batches=False,
+    packing_unsupported=(
+        "its cross-attention takes images per batch row ([rows, images, tiles]) with a mask its processor "
+        "builds per row, and no per-sample cross-attention mask for packed rows exists or is verified"
+    ),
 )

@@ -43,4 +43,5 @@ FAMILY: Family = dataclasses.replace(
     },
     tiny_config=tiny_config,
     tiny_processor=qwen2_vl.processor_builder("Qwen2_5_VLProcessor"),
+    rope_index_model="Qwen2_5_VLModel",
 )

@@ -148,4 +148,6 @@ FAMILY = Family(
     special_tokens=SPECIAL_TOKENS,
     token_roles={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     chat_template=CHAT_TEMPLATE,
+    packed_positions="rope_index",
+    rope_index_model="Qwen2VLModel",
 )
