@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from vlmtune.conversation import Conversation, ConversationError, Message, from_placeholders, from_request
 from vlmtune.infer.batching import Row, mix_class, plan
-from vlmtune.infer.prompts import PromptError, normalize, split_placeholders
 from vlmtune.infer.types import BASE, GenerationSettings, canonical_adapter
 
 
@@ -34,34 +34,42 @@ def test_base_rows_alone_and_one_adapter_at_a_time():
         plan(rows(spec), solo, batch_size=0)
 
 
+def template(text):
+    return Conversation((Message("user", from_placeholders(text)),)).to_template()[0]["content"]
+
+
 def test_placeholders_become_parts():
-    assert split_placeholders("<image>\nWhat?") == [{"type": "image"}, {"type": "text", "text": "What?"}]
-    assert split_placeholders("a<image>b<image>") == [
+    assert template("<image>\nWhat?") == [{"type": "image"}, {"type": "text", "text": "What?"}]
+    assert template("a<image>b<image>") == [
         {"type": "text", "text": "a"},
         {"type": "image"},
         {"type": "text", "text": "b"},
         {"type": "image"},
     ]
+    assert Message("user", from_placeholders("<image>\nWhat?")).text == "<image>\nWhat?"  # kept as written
 
 
 def test_normalize_matches_images_to_slots():
-    messages, images = normalize("<image>hi", ["x.png"])
-    assert messages == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
-    assert images == ["x.png"]
+    chat = from_request("<image>hi", ["x.png"])
+    assert chat.to_template() == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}
+    ]
+    assert chat.images == ("x.png",)
     parts = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}},
         {"type": "text", "text": "?"},
     ]
-    _, images = normalize([{"role": "user", "content": parts}], [])
-    assert images == ["data:image/png;base64,AAA"]
-    with pytest.raises(PromptError, match="2 image placeholder"):
-        normalize("<image><image>", ["x.png"])
-    with pytest.raises(PromptError, match="either inside the message parts or in `images`"):
-        normalize([{"role": "user", "content": parts}], ["y.png"])
-    with pytest.raises(PromptError, match="images go in user messages"):
-        normalize([{"role": "user", "content": "a"}, {"role": "assistant", "content": "<image>"}], ["y.png"])
-    with pytest.raises(PromptError, match="role 'bot'"):
-        normalize([{"role": "bot", "content": "a"}], [])
+    assert from_request([{"role": "user", "content": parts}], []).images == ("data:image/png;base64,AAA",)
+    with pytest.raises(ConversationError, match="2 image placeholder"):
+        from_request("<image><image>", ["x.png"])
+    with pytest.raises(ConversationError, match="either inside the message parts or in `images`"):
+        from_request([{"role": "user", "content": parts}], ["y.png"])
+    with pytest.raises(ConversationError, match="images go in user turns"):
+        from_request(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<image>"}], ["y.png"]
+        )
+    with pytest.raises(ConversationError, match="role 'bot'"):
+        from_request([{"role": "bot", "content": "a"}], [])
 
 
 def test_settings_and_names():

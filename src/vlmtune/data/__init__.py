@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .check import DataReport, InvalidDataError, check_data
-from .formats import DataError, RowError, Sample, Turn, read_rows, to_messages
+from .formats import DataError, RowError, Sample, read_rows, to_messages
 
 __all__ = [
     "DataError",
@@ -14,7 +14,6 @@ __all__ = [
     "InvalidDataError",
     "RowError",
     "Sample",
-    "Turn",
     "check_data",
     "read_rows",
     "to_messages",

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..conversation import Conversation, Message, RowError, parse_turn, validate
 from ..errors import VlmtuneError
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # Keys a row may carry besides its conversation; everything else is reported (strict over silent).
 ROW_KEYS = {
@@ -41,35 +40,24 @@ ImageSource = Path | bytes
 
 
 @dataclass(frozen=True)
-class Turn:
-    role: str  # system | user | assistant
-    text: str  # user/system text keeps its `<image>` placeholders
-
-
-@dataclass(frozen=True)
 class Sample:
-    """One conversation ready for training: turns in order, images in placeholder order, and where it came
+    """One row's conversation (images resolved to paths or bytes, in placeholder order) and where it came
     from (for error messages)."""
 
-    turns: tuple[Turn, ...]
-    images: tuple[ImageSource, ...]
+    conversation: Conversation
     where: str
+
+    @property
+    def turns(self) -> tuple[Message, ...]:
+        return self.conversation.messages
+
+    @property
+    def images(self) -> tuple[ImageSource, ...]:
+        return self.conversation.images
 
     @property
     def assistant_texts(self) -> list[str]:
         return [t.text for t in self.turns if t.role == "assistant"]
-
-
-@dataclass(frozen=True)
-class RowError:
-    """Why one row cannot be used. `code` is stable (for tests and tools); `message` says what to do."""
-
-    where: str
-    code: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -217,13 +205,16 @@ def parse_row(row: RawRow, prompt: bool = False) -> tuple[Sample | None, list[Ro
         fail("adapter_type", f"'adapter' must be the name of a loaded adapter (got {value['adapter']!r}).")
     images = _parse_images(value, row.base_dir, fail)
     turns = _parse_turns(value[fmt], fmt, fail)
-    if turns is not None:
-        _check_order(turns, fail, answer_required=not prompt)
-        _check_empty(turns, fail)
-        _check_placeholders(turns, images, fail)
-    if errors or turns is None or images is None:
+    if turns is None:
         return None, errors
-    return Sample(tuple(turns), tuple(images), where), []
+    conversation = Conversation(tuple(turns), tuple(images or ()))
+    problems = validate(conversation, answer="optional" if prompt else "required", where=where)
+    if images is None:  # the images are unreadable: their count says nothing
+        problems = [p for p in problems if p.code != "image_count"]
+    errors += problems
+    if errors or images is None:
+        return None, errors
+    return Sample(conversation, where), []
 
 
 def _parse_images(value: dict[str, Any], base_dir: Path, fail: Any) -> list[ImageSource] | None:
@@ -257,163 +248,22 @@ def _resolve(path: str, base_dir: Path) -> Path:
     return p if p.is_absolute() else base_dir / p
 
 
-def _parse_turns(raw: Any, fmt: str, fail: Any) -> list[Turn] | None:
+def _parse_turns(raw: Any, fmt: str, fail: Any) -> list[Message] | None:
     if not isinstance(raw, list):
         fail("conversation_type", f"'{fmt}' must be a list of turns (got {type(raw).__name__}).")
         return None
     if not raw:
         fail("empty_conversation", f"'{fmt}' is empty; a row needs at least one user and one assistant turn.")
         return None
-    role_key, content_key = TURN_KEYS[fmt]
-    turns: list[Turn] = []
-    ok = True
-    for i, turn in enumerate(raw):
-        label = f"turn {i}"
-        if not isinstance(turn, dict):
-            fail(
-                "turn_type",
-                f"{label} must be an object with '{role_key}' and '{content_key}' (got {turn!r}).",
-            )
-            ok = False
-            continue
-        missing = [k for k in (role_key, content_key) if k not in turn]
-        if missing:
-            fail("turn_missing_field", f"{label} lacks {' and '.join(repr(m) for m in missing)}.")
-            ok = False
-            continue
-        extra = sorted(set(turn) - {role_key, content_key})
-        if extra:
-            fail(
-                "unknown_turn_key",
-                f"{label} has unknown key(s) {extra}; a turn has only '{role_key}' and '{content_key}'.",
-            )
-            ok = False
-        role = _role(turn[role_key], fmt)
-        if role is None:
-            allowed = ROLES if fmt == "messages" else tuple(LLAVA_ROLES)
-            fail(
-                "unknown_role", f"{label} has {role_key} {turn[role_key]!r}; use one of {', '.join(allowed)}."
-            )
-            ok = False
-            continue
-        text = _content_text(turn[content_key], label, fail)
-        if text is None:
-            ok = False
-            continue
-        turns.append(Turn(role, text))
-    return turns if ok else None
-
-
-def _role(value: Any, fmt: str) -> str | None:
-    if not isinstance(value, str):
+    roles = None if fmt == "messages" else LLAVA_ROLES
+    turns = [
+        parse_turn(turn, f"turn {i}", fail, keys=TURN_KEYS[fmt], roles=roles) for i, turn in enumerate(raw)
+    ]
+    if any(t is None for t in turns):
         return None
-    if fmt == "messages":
-        return value if value in ROLES else None
-    return LLAVA_ROLES.get(value)
-
-
-def _content_text(content: Any, label: str, fail: Any) -> str | None:
-    """Text of a turn; `{"type": "image"}` parts become `<image>` placeholders."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        pieces = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
-                pieces.append(part["text"])
-            elif kind == "image" and set(part) == {"type"}:
-                pieces.append(IMAGE_PLACEHOLDER)
-            else:
-                fail(
-                    "content_type",
-                    f"{label} content part {j} is {part!r}; parts are {{'type': 'text', 'text': ...}} or "
-                    "{'type': 'image'} (image paths go in the row's 'images').",
-                )
-                return None
-        return "".join(pieces)
-    fail("content_type", f"{label} content must be a string (got {type(content).__name__}: {content!r}).")
-    return None
-
-
-def _check_order(turns: list[Turn], fail: Any, answer_required: bool = True) -> None:
-    """Optional system turn first, then user/assistant alternating, ending with an assistant reply (or, for
-    prediction prompts, with the user turn to answer)."""
-    body = turns
-    for i, turn in enumerate(turns):
-        if turn.role == "system" and i > 0:
-            fail("role_order", f"turn {i} is a system turn; only the first turn may be a system turn.")
-            return
-    if turns[0].role == "system":
-        body = turns[1:]
-    offset = len(turns) - len(body)
-    if not body:
-        fail(
-            "no_assistant", "the conversation has only a system turn; add a user turn and an assistant reply."
-        )
-        return
-    if body[0].role != "user":
-        fail(
-            "role_order",
-            f"turn {offset} is {body[0].role}; a conversation starts with a user turn (after an optional system turn).",
-        )
-        return
-    for i in range(1, len(body)):
-        if body[i].role == body[i - 1].role:
-            fail(
-                "role_order",
-                f"turns {offset + i - 1} and {offset + i} are both {body[i].role} turns; user and assistant turns must alternate.",
-            )
-            return
-    if body[-1].role != "assistant" and answer_required:
-        fail(
-            "no_assistant",
-            f"the last turn ({offset + len(body) - 1}) is a user turn with no assistant reply; add the reply or drop the turn.",
-        )
-
-
-def _check_empty(turns: list[Turn], fail: Any) -> None:
-    for i, turn in enumerate(turns):
-        if turn.role == "assistant" and not turn.text.strip():
-            fail(
-                "empty_assistant", f"turn {i} is an empty assistant turn; there is nothing to learn from it."
-            )
-        if turn.role == "user" and not turn.text.strip():
-            fail("empty_user", f"turn {i} is an empty user turn.")
-
-
-def _check_placeholders(turns: list[Turn], images: list[ImageSource] | None, fail: Any) -> None:
-    for i, turn in enumerate(turns):
-        if turn.role != "user" and IMAGE_PLACEHOLDER in turn.text:
-            fail(
-                "image_placeholder_role",
-                f"turn {i} ({turn.role}) holds {IMAGE_PLACEHOLDER}; images may only appear in user turns.",
-            )
-    if images is None:
-        return
-    count = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
-    if count != len(images):
-        fail(
-            "image_count",
-            f"the text has {count} {IMAGE_PLACEHOLDER} placeholder(s) but the row lists {len(images)} image(s); "
-            f"put one {IMAGE_PLACEHOLDER} where each image goes.",
-        )
+    return [t[0] for t in turns if t is not None]
 
 
 def to_messages(sample: Sample, with_answer: bool = True) -> list[dict[str, Any]]:
-    """The sample as chat-template messages with typed content parts (`{"type": "image"}` where each
-    `<image>` stood). `with_answer=False` drops the final assistant turn (for generation prompts)."""
-    turns = sample.turns if with_answer else sample.turns[:-1]
-    out = []
-    for turn in turns:
-        parts: list[dict[str, Any]] = []
-        pieces = turn.text.split(IMAGE_PLACEHOLDER)
-        for k, piece in enumerate(pieces):
-            if k > 0:
-                parts.append({"type": "image"})
-                # LLaVA data writes "<image>\n<question>"; the template places the image itself.
-                piece = piece.removeprefix("\n")
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        out.append({"role": turn.role, "content": parts})
-    return out
+    """The sample as chat-template messages (see `Conversation.to_template`)."""
+    return sample.conversation.to_template(with_answer)

@@ -1,41 +1,24 @@
-"""Opening images (from disk or bytes), checking them up front, and optional light augmentation."""
+"""Checking a row's images up front (opened by `vlmtune.conversation.open_image`), and optional light
+augmentation."""
 
 from __future__ import annotations
 
-import io
 import random
-from pathlib import Path
 from typing import Any
 
+from ..conversation import ImageError, open_image
 from .formats import ImageSource
 
-
-def open_image(src: ImageSource) -> Any:
-    """A fully decoded RGB PIL image. Decoding fully (`load`) is what catches truncated files."""
-    from PIL import Image
-
-    with Image.open(src if isinstance(src, Path) else io.BytesIO(src)) as img:
-        img.load()
-        return img.convert("RGB")
+__all__ = ["augment", "image_problem", "open_image"]
 
 
 def image_problem(src: ImageSource) -> tuple[str, str] | None:
     """(code, reason) when `src` cannot serve as an image, else None."""
-    if isinstance(src, Path):
-        if not src.exists():
-            return "image_missing", f"image {src} does not exist; paths are relative to the data file."
-        if not src.is_file():
-            return "image_missing", f"image {src} is not a file."
     try:
-        img = open_image(src)
-    except Exception as exc:  # PIL raises many types for bad files; all mean the same to the user
-        name = src if isinstance(src, Path) else f"<{len(src)} bytes>"
-        return (
-            "image_corrupt",
-            f"image {name} cannot be decoded ({type(exc).__name__}: {exc}); replace or remove it.",
-        )
-    if min(img.size) < 1:
-        return "image_corrupt", f"image {src} is empty ({img.size[0]}x{img.size[1]})."
+        open_image(src)
+    except ImageError as exc:
+        fix = "paths are relative to the data file" if exc.code == "image_missing" else "replace or remove it"
+        return exc.code, f"{str(exc).rstrip('.')}; {fix}."
     return None
 
 

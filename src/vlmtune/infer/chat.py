@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..conversation import open_image
 from ..errors import VlmtuneError
-from . import prompts
 from .engine import Engine, load
 from .types import BASE, GenerationSettings, Request
 
@@ -46,7 +46,7 @@ class ChatSession:
         self.pending: list[Any] = []
 
     def attach(self, path: str) -> str:
-        prompts.open_image(path)  # fail now, not at the next message
+        open_image(path)  # fail now, not at the next message
         self.pending.append(path)
         return f"attached {path} to your next message"
 

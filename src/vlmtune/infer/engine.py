@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, families
+from .. import checkpoint, conversation, families
 from ..adapters.inspect import declared_family
 from ..adapters.manifest import read_manifest
 from ..adapters.peft_bridge import load_weights, lora_config
@@ -34,7 +34,7 @@ from ..adapters.reader import Adapter, AdapterFormatError, base_params_from_mode
 from ..adapters.reader import read_config as read_adapter_config
 from ..adapters.tensors import to_torch
 from ..errors import VlmtuneError
-from . import batching, mixed, prompts, quant
+from . import batching, mixed, quant
 from .types import BASE, AdapterInfo, Generation, GenerationSettings, Request, canonical_adapter
 
 DTYPES: dict[str, Any] = {
@@ -491,10 +491,10 @@ class Engine:
         """Check a request (adapter, messages, image count) and render its prompt; no model work."""
         adapter = self.check_adapter(request.adapter)
         key = "base" if adapter == BASE else self._adapters[adapter].processor
-        messages, images = prompts.normalize(request.messages, request.images)
+        chat = conversation.from_request(request.messages, request.images)
         processor = self._processors[key]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return Prepared(adapter, key, text, images)
+        text = processor.apply_chat_template(chat.to_template(), add_generation_prompt=True, tokenize=False)
+        return Prepared(adapter, key, text, list(chat.images))
 
     def _classes(self) -> dict[str, Hashable]:
         return {
@@ -505,7 +505,7 @@ class Engine:
     def _encode(self, batch: Sequence[Prepared]) -> Any:
         processor = self._processors[batch[0].processor]
         has_images = any(p.images for p in batch)
-        images = [[prompts.open_image(src) for src in p.images] for p in batch] if has_images else None
+        images = [[conversation.open_image(src) for src in p.images] for p in batch] if has_images else None
         encoded = processor(text=[p.text for p in batch], images=images, padding=True, return_tensors="pt")
         dtype = self._compute_dtype()
         return encoded.to(self.base_model.device).to(dtype)

@@ -52,7 +52,8 @@ class Request:
     `messages` are chat messages (`{"role", "content"}`); a content string may hold `<image>`
     placeholders, or content may be a list of `{"type": "text", "text": ...}` / `{"type": "image"}` parts
     (an image part may carry the image itself under `"image"`). `images` (paths, bytes or PIL images)
-    fill the placeholders in order. `adapter` names a loaded adapter, `__base__`/`none` for the base alone,
+    fill the placeholders in order. `messages` may also be a `vlmtune.conversation.Conversation` (the
+    server builds one from OpenAI messages, with its images already opened). `adapter` names a loaded adapter, `__base__`/`none` for the base alone,
     or None for the engine's default adapter.
     """
 

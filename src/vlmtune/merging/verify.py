@@ -17,6 +17,7 @@ from typing import Any
 
 from ..adapters.peft_bridge import load_weights, lora_config
 from ..adapters.reader import Adapter
+from ..conversation import IMAGE_PLACEHOLDER, from_request, open_image
 from .plan import MergeError
 
 # max |merged - reference| allowed, relative to max(1, max |reference logit|), per output dtype.
@@ -37,24 +38,28 @@ def probes(processor: Any) -> dict[str, dict[str, Any]]:
     """Model inputs for a text-only and an image prompt, built the way a user's chat would be."""
     image = probe_image()
     out = {}
-    for name, content in (
-        ("text", [{"type": "text", "text": PROMPT}]),
-        ("image", [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]),
+    for name, chat in (
+        ("text", from_request(PROMPT)),
+        ("image", from_request(f"{IMAGE_PLACEHOLDER}{PROMPT}", [image])),
     ):
-        messages = [{"role": "user", "content": content}]
+        images = [open_image(src) for src in chat.images]
         try:
             inputs = processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+                chat.to_template(),
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"images": images} if images else {},
             )
         except (ValueError, TypeError) as exc:  # no chat template: the processor's own image token
             token = getattr(processor, "image_token", None)
-            if name == "image" and token is None:
+            if images and token is None:
                 raise MergeError(
                     f"cannot build an image probe: no chat template and no image token ({exc})."
                 ) from exc
-            text = f"{token} {PROMPT}" if name == "image" else PROMPT
-            kwargs = {"images": [image]} if name == "image" else {}
-            inputs = processor(text=[text], return_tensors="pt", **kwargs)
+            text = f"{token} {PROMPT}" if images else PROMPT
+            inputs = processor(text=[text], return_tensors="pt", **({"images": images} if images else {}))
         out[name] = dict(inputs)
     return out
 
