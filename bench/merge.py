@@ -55,12 +55,13 @@ def make_model(folder: Path, layers: int) -> None:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vlmtune import families, tiny
-    from vlmtune.families import qwen2_vl
+    from vlmtune.families.qwen2_vl import tiny as qwen2_vl
 
     family = families.get("qwen2_vl")
+    spec = families.tiny_spec("qwen2_vl")
     _, processor = tiny.build("qwen2_vl")  # tokenizer + processor only; the model is built below
-    tokens = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens}
-    raw = qwen2_vl.tiny_config("tiny", tokens, VOCAB)
+    tokens = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in spec.special_tokens}
+    raw = spec.config("tiny", tokens, VOCAB)
     raw["text_config"].update(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,

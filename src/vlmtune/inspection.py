@@ -60,7 +60,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
     """Inspect a model folder or an adapter folder (the adapter half lives in `vlmtune.adapters`)."""
     folder = Path(path)
-    if (folder / "adapter_config.json").is_file() or (folder / "non_lora_trainables.bin").is_file():
+    if (folder / "adapter_config.json").is_file() or families.foreign_format(folder, {}) is not None:
         from .adapters.inspect import inspect_adapter
 
         return inspect_adapter(folder, base=base)

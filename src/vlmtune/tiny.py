@@ -67,11 +67,11 @@ def train_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 1024, see
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096)
 
 
-def configure_tokenizer(tokenizer: Any, family: families.Family) -> None:
+def configure_tokenizer(tokenizer: Any, spec: families.TinySpec) -> None:
     """Name the special tokens the way the family's real tokenizer does."""
-    for attr, token in family.token_roles.items():
+    for attr, token in spec.token_roles.items():
         setattr(tokenizer, attr, token)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(family.special_tokens)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(spec.special_tokens)})
 
 
 def build(
@@ -92,21 +92,22 @@ def build(
     family = families.get(family_name)
     if tied and not family.can_tie_embeddings:
         raise ValueError(f"{family.name} models cannot tie lm_head to the input embeddings.")
-    tokenizer = train_tokenizer(family.special_tokens)  # same vocabulary whatever the weight seed
-    configure_tokenizer(tokenizer, family)
-    tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens}
-    raw = family.tiny_config(size, tokens, len(tokenizer))
-    raw["text_config"].update(overrides or {})
+    spec = families.tiny_spec(family_name)
+    tokenizer = train_tokenizer(spec.special_tokens)  # same vocabulary whatever the weight seed
+    configure_tokenizer(tokenizer, spec)
+    tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.special_tokens}
+    raw = spec.config(size, tokens, len(tokenizer))
+    raw[spec.text_config_key].update(overrides or {})
     raw["tie_word_embeddings"] = tied
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(model_type, **raw)
     config.dtype = "float32"
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
-    if family.tiny_post_init is not None:
-        family.tiny_post_init(model)
+    if spec.post_init is not None:
+        spec.post_init(model)
     model.eval()
-    processor = family.tiny_processor(tokenizer, family.chat_template)
+    processor = spec.processor(tokenizer, spec.chat_template)
     return model, processor
 
 

@@ -2,7 +2,7 @@
 whether vLLM can serve it as it is.
 
 Without a base, roles are read from the key names through the family's layouts (the family comes from
-`vlmtune.json`, the LLaVA format, the declared base folder, or the key names). With a base, the adapter is
+`vlmtune.json`, a foreign format's owner (e.g. LLaVA outputs), the declared base folder, or the key names). With a base, the adapter is
 placed strictly, exactly as `predict`/`merge` would, and the report says what fits or why not. Needs no
 torch unless the base is a hub id without local weights (its shapes then come from a meta-device model).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import checkpoint, families
 from ..errors import VlmtuneError
-from ..families import Family, apply_renames
+from ..families import Family, ForeignFormat
 from .layout import candidate_layouts, split_key
 from .reader import pattern_value, read_adapter, read_files
 
@@ -36,13 +36,12 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
         found.tensors,
         found.files,
     )
-    is_llava = found.format == "llava"
 
     if base is not None:
         base_folder, base_config, base_params = base_shapes(base)
         family: Family | None = families.detect(base_config)
     else:
-        family = guess_family(folder, config, manifest, is_llava, tensors)
+        family = guess_family(folder, config, manifest, found.foreign_family, tensors)
 
     report: dict[str, Any] = {
         "kind": "adapter",
@@ -98,7 +97,7 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
         "dtypes": sorted({t.dtype for t in tensors.values()}),
     }
     report["fit"] = fit
-    report["vllm"] = vllm_report(modules, full, family, is_llava)
+    report["vllm"] = vllm_report(modules, full, family, found.foreign)
     if manifest is not None:
         report["manifest"] = {
             "base": manifest.base.name_or_path,
@@ -150,29 +149,41 @@ def declared_family(folder: Path, config: Mapping[str, Any]) -> Family | None:
 
 
 def guess_family(
-    folder: Path, config: Mapping[str, Any], manifest: Any, is_llava: bool, tensors: Mapping[str, Any]
+    folder: Path,
+    config: Mapping[str, Any],
+    manifest: Any,
+    foreign_family: Family | None,
+    tensors: Mapping[str, Any],
 ) -> Family | None:
     if manifest is not None:
         return families.get(manifest.base.family)
-    if is_llava:
-        return families.get("llava")
+    if foreign_family is not None:  # the family that declares the folder's foreign format
+        return foreign_family
     declared = declared_family(folder, config)
     if declared is not None:
         return declared
-    # The first family whose role prefixes take every key (Qwen2-VL and Qwen2.5-VL share prefixes; their
-    # roles agree, so either reads the same).
+    # The family whose role prefixes take every key with the least renaming (runtime names before its
+    # on-disk table, before foreign tools' tables, whose catch-all rules would take almost anything);
+    # families that share prefixes (Qwen2-VL and Qwen2.5-VL) agree on roles, so either reads the same.
+    best: tuple[int, Family] | None = None
+    modules = {split_key(k).module for k in tensors}
     for family in families.FAMILIES.values():
-        if all(runtime_module(split_key(k).module, family)[1] is not None for k in tensors):
-            return family
-    return None
+        names = [layout for layout, _ in candidate_layouts(family)]
+        used = [layout_of(m, family) for m in modules]
+        if "unknown" in used:
+            continue
+        score = max((names.index(u) for u in used), default=0)
+        if best is None or score < best[0]:
+            best = (score, family)
+    return best[1] if best else None
 
 
 def runtime_module(written: str, family: Family | None) -> tuple[str, str | None]:
     """(runtime module path, role) for a module path as written, trying the family's layouts in order."""
     if family is None:
         return written, None
-    for _, renames in candidate_layouts(family):
-        name = apply_renames(renames, written + ".weight")[: -len(".weight")]
+    for _, table in candidate_layouts(family):
+        name = table.to_runtime(written + ".weight")[: -len(".weight")]
         role = family.role_of(name)
         if role is not None:
             return name, role
@@ -229,8 +240,8 @@ def describe_keys(
 
 
 def layout_of(written: str, family: Family) -> str:
-    for layout, renames in candidate_layouts(family):
-        name = apply_renames(renames, written + ".weight")[: -len(".weight")]
+    for layout, table in candidate_layouts(family):
+        name = table.to_runtime(written + ".weight")[: -len(".weight")]
         if family.role_of(name) is not None:
             return layout
     return "unknown"
@@ -279,7 +290,7 @@ def full_modules(full: list[str], family: Family | None) -> dict[str, Any]:
 
 
 def vllm_report(
-    modules: list[dict[str, Any]], full: list[str], family: Family | None, is_llava: bool
+    modules: list[dict[str, Any]], full: list[str], family: Family | None, foreign: ForeignFormat | None
 ) -> dict[str, Any]:
     """Whether vLLM can serve the adapter as it is, the flags it needs, and what to do otherwise."""
     problems: list[str] = []
@@ -290,10 +301,9 @@ def vllm_report(
             f"{family.vllm_unsupported}; run it un-merged with `vlmtune predict`/`vlmtune chat`, "
             "or merge it and serve the merged model with transformers."
         )
-    if is_llava:
+    if foreign is not None:
         problems.append(
-            "it is a LLaVA training output (non_lora_trainables.bin); vLLM reads PEFT adapter folders only. "
-            "Merge it into the HF Llava base with `vlmtune merge` and serve the merged model."
+            foreign.vllm_problem or f"it is {foreign.what}; vLLM reads PEFT adapter folders only."
         )
     if full:
         shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in full})[:4])

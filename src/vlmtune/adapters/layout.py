@@ -3,8 +3,8 @@
 PEFT only warns about missing adapter keys and the adapter then silently does nothing (peft #2566;
 FIELD_NOTES §2). Its own remapping misses legacy Qwen2-VL keys and LLaVA projector keys. So vlmtune maps
 keys itself: each key is tried as written (today's runtime names), then through the family's on-disk /
-pre-4.52 renames, then through foreign layouts (original LLaVA), and accepted only when the target
-exists in the base.
+pre-4.52 key table, then through the key tables of the foreign formats it declares (e.g. original LLaVA),
+and accepted only when the target exists in the base.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ..errors import VlmtuneError
-from ..families import Family, apply_renames
+from ..families import Family, KeyTable
 
 PEFT_PREFIX = "base_model.model."
 LORA_SLOTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -90,8 +90,8 @@ class Placement:
         return f"{self.module}.weight" if self.key.is_lora else f"{self.module}.{self.key.slot}"
 
 
-def candidate_layouts(family: Family) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
-    return [("runtime", ()), ("original", family.disk_to_runtime), *family.foreign_layouts.items()]
+def candidate_layouts(family: Family) -> list[tuple[str, KeyTable]]:
+    return family.key_layouts()
 
 
 def place(
@@ -107,8 +107,8 @@ def place(
     for key in keys:
         split = split_key(key)
         written = f"{split.module}.weight" if split.is_lora else f"{split.module}.{split.slot}"
-        for layout, renames in layouts:
-            target = apply_renames(renames, written)
+        for layout, table in layouts:
+            target = table.to_runtime(written)
             if target in base_params:
                 placements.append(Placement(split, target.rsplit(".", 1)[0], layout))
                 break
@@ -139,8 +139,8 @@ def diagnose(unplaced: list[SplitKey], family: Family, base_params: Mapping[str,
     for key in unplaced:
         parent = key.module.rsplit(".", 1)[0]
         placed_parent = any(
-            apply_renames(r, parent + ".x").rsplit(".", 1)[0] in containers
-            for _, r in candidate_layouts(family)
+            table.to_runtime(parent + ".x").rsplit(".", 1)[0] in containers
+            for _, table in candidate_layouts(family)
         )
         (renamed if placed_parent else foreign).append(key)
     if renamed and not foreign:

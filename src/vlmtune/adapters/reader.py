@@ -1,8 +1,8 @@
 """Read any adapter folder into one canonical form, placed strictly on a base.
 
 Formats: PEFT standard (ours, LLaMA-Factory, ms-swift, VLM-R1, TRL: `adapter_config.json` +
-`adapter_model.safetensors|bin`) and original LLaVA training outputs (the same plus
-`non_lora_trainables.bin` and a LLaVA `config.json`). The result, `Adapter`, says per base module what
+`adapter_model.safetensors|bin`) and the foreign formats families declare (e.g. original LLaVA training
+outputs: the same plus `non_lora_trainables.bin` and a LLaVA `config.json`). The result, `Adapter`, says per base module what
 the adapter does (LoRA factors with their own rank/alpha/scaling, DoRA magnitude, LoRA bias) and which
 base tensors it replaces outright. Inference turns it into a PEFT model; the merge applies it to shards.
 No torch import unless a pickled file must be read.
@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import families
 from ..errors import VlmtuneError
-from ..families import Family
+from ..families import Family, ForeignFormat
 from .layout import AdapterKeyError, Placement, place
 from .manifest import Manifest, read_manifest
 from .tensors import LazyTensor, read_tensor_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-LLAVA_TRAINABLES = "non_lora_trainables.bin"
 # PEFT's `target_modules` value for "no LoRA layer, only modules_to_save" (peft.utils.constants).
 DUMMY_TARGET_MODULES = "dummy-target-modules"
 
@@ -76,11 +76,13 @@ class LoraModule:
 @dataclass
 class Adapter:
     path: Path
-    format: str  # 'peft' | 'llava'
+    format: str  # 'peft' or a foreign format's name (e.g. 'llava')
     config: dict[str, Any]  # adapter_config.json as written
     lora: dict[str, LoraModule]  # runtime module path -> LoRA
     full: dict[str, LazyTensor]  # runtime parameter name -> tensor that replaces it
-    layouts: set[str]  # key layouts seen: 'runtime', 'original', 'llava_original'
+    layouts: set[
+        str
+    ]  # key layouts seen: 'runtime', 'original', or a foreign format's (e.g. 'llava_original')
     manifest: Manifest | None = None
     files: list[Path] = field(default_factory=list)
 
@@ -186,18 +188,21 @@ class AdapterFiles:
     """What an adapter folder holds, read but not yet placed on any base."""
 
     folder: Path
-    format: str  # 'peft' | 'llava'
+    format: str  # 'peft' or the foreign format's name
     config: dict[str, Any]  # adapter_config.json
     manifest: Manifest | None
     files: list[Path]  # the tensor files read
     tensors: dict[str, LazyTensor]  # every tensor by its key in the files
-    foreign_config: dict[str, Any]  # a LLaVA training output's config.json ({} otherwise)
+    foreign_config: dict[str, Any]  # a foreign tool's config.json beside the adapter ({} otherwise)
+    # The foreign format the folder is written in and the family that declares it (None: PEFT standard).
+    foreign: ForeignFormat | None = None
+    foreign_family: Family | None = None
 
 
 def read_files(path: str | Path) -> AdapterFiles:
-    """Read an adapter folder's config, manifest and tensors; a LLaVA output's `non_lora_trainables.bin`
-    (told apart by that file or by `mm_projector_type` in its config.json, never by the folder name) is
-    read beside the LoRA weights."""
+    """Read an adapter folder's config, manifest and tensors. A folder in a foreign format a family
+    declares (told apart by its extra files or its config.json markers, never by the folder name) has its
+    extra tensor files (e.g. LLaVA's `non_lora_trainables.bin`) read beside the LoRA weights."""
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterFormatError(f"adapter folder {folder} does not exist.")
@@ -205,24 +210,29 @@ def read_files(path: str | Path) -> AdapterFiles:
     weights = find_weights(folder)
     files = [weights]
     tensors = dict(read_tensor_file(weights))
-    trainables = folder / LLAVA_TRAINABLES
     foreign_path = folder / "config.json"
-    foreign = json.loads(foreign_path.read_text()) if foreign_path.is_file() else {}
-    is_llava = trainables.is_file() or "mm_projector_type" in foreign
-    if trainables.is_file():
-        files.append(trainables)
-        for key, t in read_tensor_file(trainables).items():
+    foreign_config = json.loads(foreign_path.read_text()) if foreign_path.is_file() else {}
+    found = families.foreign_format(folder, foreign_config)
+    owner, fmt = found if found else (None, None)
+    for name in fmt.extra_files if fmt else ():
+        extra = folder / name
+        if not extra.is_file():
+            continue
+        files.append(extra)
+        for key, t in read_tensor_file(extra).items():
             if key in tensors:
-                raise AdapterFormatError(f"{folder}: {key} is in both {weights.name} and {LLAVA_TRAINABLES}.")
+                raise AdapterFormatError(f"{folder}: {key} is in both {weights.name} and {name}.")
             tensors[key] = t
     return AdapterFiles(
         folder,
-        "llava" if is_llava else "peft",
+        fmt.format if fmt else "peft",
         config,
         read_manifest(folder),
         files,
         tensors,
-        foreign if is_llava else {},
+        foreign_config if fmt else {},
+        fmt,
+        owner,
     )
 
 
@@ -245,14 +255,15 @@ def read_adapter(
             f"{folder} was trained on a {manifest.base.family} model ({manifest.base.name_or_path}) but the base "
             f"is a {family.name} model; pass the base it was trained on."
         )
-    if found.format == "llava":
-        check = family.foreign_checks.get("llava_original")
-        if check is None:
+    if found.foreign is not None:
+        if found.foreign not in family.foreign_formats:
+            owner = found.foreign_family.name if found.foreign_family else "another"
             raise AdapterFormatError(
-                f"{folder} is a LLaVA training output (non_lora_trainables.bin / mm_* config), but the base is a "
-                f"{family.name} model; LLaVA outputs load onto a llava base."
+                f"{folder} is {found.foreign.what}, but the base is a {family.name} model; such outputs load "
+                f"onto a {owner} base."
             )
-        check(found.foreign_config, dict(base_config or {}), base_params, folder)
+        if found.foreign.check is not None:
+            found.foreign.check(found.foreign_config, dict(base_config or {}), base_params, folder)
     placements = place(tensors, family, base_params, source=str(folder))
     adapter = Adapter(
         folder, found.format, config, {}, {}, {p.layout for p in placements}, manifest, found.files

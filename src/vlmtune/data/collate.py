@@ -15,21 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import families
 from ..errors import VlmtuneError
 from .formats import Sample, to_messages
 from .images import augment, open_image
 
 IGNORE_INDEX = -100
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# Processor outputs with one entry per token position (batch, seq, ...): what truncation must cut.
-TOKEN_ALIGNED_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "mm_token_type_ids",
-    "token_type_ids",
-    "cross_attention_mask",
-)
 
 
 class TemplateError(VlmtuneError, ValueError):
@@ -170,7 +162,8 @@ class Collator:
                     f"max_length={limit} would cut image tokens of {', '.join(rows)}; raise max_length or "
                     "lower max_pixels (training checks lengths first, so this means the data changed)."
                 )
-        for key in TOKEN_ALIGNED_KEYS:
+        # Processor outputs with one entry per token position (batch, seq, ...), as the families declare them.
+        for key in families.token_aligned_keys():
             if key in batch:
                 batch[key] = batch[key][:, :limit]
         return batch

@@ -1,14 +1,15 @@
 """What vlmtune knows about one model family, as plain data.
 
 A `Family` never imports torch or transformers: the merge and `inspect` read it while working on
-raw safetensors headers, and they must stay light.
+raw safetensors headers, and they must stay light. How to build a tiny checkpoint of a family is not
+part of it (see `families.tiny_kit` and each family's `tiny.py`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import VlmtuneError
@@ -17,37 +18,120 @@ from ..errors import VlmtuneError
 # output head (tied to the embeddings in some checkpoints).
 ROLES = ("vision", "projector", "language", "embeddings", "lm_head")
 
-# The Linear leaf names of a decoder layer (self-attention, cross-attention and MLP) in every family here.
-DECODER_LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The Linear leaf names of a Llama-style decoder layer: attention projections and the gated MLP.
+ATTENTION_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LEAVES = ("gate_proj", "up_proj", "down_proj")
+DECODER_LINEAR_LEAVES = ATTENTION_LEAVES + MLP_LEAVES
 
-Renames = tuple[tuple[str, str], ...]
-
-# Sizes of `vlmtune tiny` checkpoints, shared by every family: (hidden, intermediate, layers, heads,
-# kv heads, vision width, vision depth, vision heads).
-TINY_SIZES = {
-    "tiny": (64, 128, 2, 4, 2, 32, 2, 2),
-    "small": (512, 1408, 6, 8, 4, 256, 4, 4),
-}
-
-# Chat-template pieces: a message's text (string content or its text parts), and its content with each
-# image part replaced by the family's image marker.
-TEXT_CONTENT = (
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-)
+# Processor outputs any tokenizer may give that line up with the tokens (batch, seq, ...).
+TOKEN_ALIGNED_KEYS = ("input_ids", "attention_mask", "labels", "token_type_ids")
 
 
-def content_with_images(image_marker: str, video_marker: str | None = None) -> str:
-    video = f"{{% elif part['type'] == 'video' or 'video' in part %}}{video_marker}" if video_marker else ""
-    return (
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}{% for part in message['content'] %}"
-        f"{{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}}{image_marker}"
-        f"{video}"
-        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-    )
+def under(name: str, prefix: str) -> bool:
+    """Whether dotted `name` is `prefix` itself or lies inside it (`a.b` is under `a`, `ab` is not)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def alternation(names: Iterable[str]) -> str:
+    """A regex matching any of `names` literally."""
+    escaped = [n.replace(".", "\\.") for n in names]
+    return escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
+
+
+def decoder_targets(
+    layers: str,
+    attention: Iterable[str] = ("self_attn",),
+    attention_leaves: Iterable[str] = ATTENTION_LEAVES,
+    mlp: str = "mlp",
+    mlp_leaves: Iterable[str] = MLP_LEAVES,
+) -> str:
+    """The LoRA target regex (re.fullmatch on runtime names) of a decoder's Linear layers: every
+    `<layers>.N.<attention>.<leaf>` and `<layers>.N.<mlp>.<leaf>`. Anchored to the layer stack, so a
+    vision tower reusing the same leaf names is never hit."""
+    parts = [f"{alternation(attention)}\\.{alternation(attention_leaves)}"]
+    leaves = tuple(mlp_leaves)
+    if leaves:
+        parts.append(f"{mlp.replace('.', chr(92) + '.')}\\.{alternation(leaves)}")
+    return f"{layers.replace('.', chr(92) + '.')}\\.\\d+\\.(?:{'|'.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Rename:
+    """One row of a key table: names under the `disk` prefix are stored for names under `runtime`.
+
+    Prefixes are dotted paths (a whole parameter name is a prefix of itself). Names under one of the
+    `unless` prefixes are already runtime names and are left alone.
+    """
+
+    disk: str
+    runtime: str
+    unless: tuple[str, ...] = ()
+
+    def forward(self, name: str) -> str | None:
+        if under(name, self.disk) and not any(under(name, u) for u in self.unless):
+            return self.runtime + name[len(self.disk) :]
+        return None
+
+    def backward(self, name: str) -> str | None:
+        return self.disk + name[len(self.runtime) :] if under(name, self.runtime) else None
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """On-disk (or another tool's) names <-> runtime names, as data read in both directions.
+
+    `to_runtime` applies the first row whose disk prefix takes the name (most specific rows first);
+    names no row takes are runtime names already. `to_disk` lists every stored spelling of a runtime
+    name that maps back to it, first row first.
+    """
+
+    renames: tuple[Rename, ...] = ()
+
+    def to_runtime(self, name: str) -> str:
+        for rename in self.renames:
+            new = rename.forward(name)
+            if new is not None:
+                return new
+        return name
+
+    def to_disk(self, runtime: str) -> list[str]:
+        out: list[str] = []
+        for rename in self.renames:
+            disk = rename.backward(runtime)
+            if disk is not None and disk not in out and self.to_runtime(disk) == runtime:
+                out.append(disk)
+        if self.to_runtime(runtime) == runtime and runtime not in out:
+            out.append(runtime)
+        return out
+
+
+IDENTITY = KeyTable()
+
+
+@dataclass(frozen=True)
+class ForeignFormat:
+    """An adapter folder written by another tool in its own layout (e.g. original LLaVA training outputs).
+
+    Told apart by its extra tensor files or by marker keys of the folder's `config.json` (never by the
+    folder name); `keys` maps its module paths (after PEFT's `base_model.model.`) to runtime names;
+    `check(foreign_config, base_config, base_params, folder)` raises when the tool's settings do not fit
+    the base.
+    """
+
+    format: str  # the format name reports use
+    layout: str  # the key-layout name reports use
+    what: str  # how a message names such a folder
+    keys: KeyTable
+    extra_files: tuple[str, ...] = ()  # tensor files read beside adapter_model.*
+    config_markers: tuple[str, ...] = ()  # keys of the folder's config.json that only this tool writes
+    check: Callable[..., None] | None = None
+    # Why vLLM cannot serve such a folder as it is, and what to do instead.
+    vllm_problem: str = ""
+
+    def detect(self, folder: Path, folder_config: Mapping[str, Any]) -> bool:
+        return any((folder / f).is_file() for f in self.extra_files) or any(
+            k in folder_config for k in self.config_markers
+        )
 
 
 class UnsupportedModelError(VlmtuneError, ValueError):
@@ -56,7 +140,7 @@ class UnsupportedModelError(VlmtuneError, ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    """Model-family knowledge: roles, LoRA targets, key layouts, and how to build a tiny checkpoint.
+    """Model-family knowledge: roles, LoRA targets, key layouts, foreign formats, processor quirks.
 
     Prefixes and patterns use **runtime** names, the ones `model.named_modules()` gives in transformers 5.
     """
@@ -68,29 +152,18 @@ class Family:
     role_prefixes: tuple[tuple[str, str], ...]
     # role -> regex (re.fullmatch on a runtime module name) selecting the Linear layers LoRA may target.
     lora_target_patterns: Mapping[str, str]
-    # On-disk name -> runtime name, as `from_pretrained` converts: (pattern, replacement), the first
-    # matching pattern applies. Keys already in the runtime layout match none and stay as they are.
-    disk_to_runtime: Renames
-    # Layouts of adapters written by other tools (name -> renames from their module paths to runtime).
-    foreign_layouts: Mapping[str, Renames] = field(default_factory=dict)
-    # Per foreign layout: check(foreign_config, base_config, base_params, folder) raises when that
-    # tool's settings (e.g. LLaVA's `mm_projector_type`) do not fit the base.
-    foreign_checks: Mapping[str, Callable[..., None]] = field(default_factory=dict)
+    # The hub's on-disk names <-> runtime names, as `from_pretrained` converts them.
+    keys: KeyTable = IDENTITY
+    # Adapter layouts of other tools that load onto this family.
+    foreign_formats: tuple[ForeignFormat, ...] = ()
     # Why vLLM cannot serve this family at all ("" when it can).
     vllm_unsupported: str = ""
     # Whether lm_head can share the input embeddings (Mllama's embedding table has 8 extra rows: never).
     can_tie_embeddings: bool = True
     # Processor attributes that carry training-time image limits, if the family has them.
     image_limit_keys: tuple[str, ...] = ()
-    # Builders for tiny checkpoints (`vlmtune tiny`): set by each family module.
-    tiny_config: Callable[..., dict[str, Any]] | None = None
-    tiny_processor: Callable[..., Any] | None = None
-    # Adjusts a freshly initialised tiny model so it behaves like a trained checkpoint where init differs.
-    tiny_post_init: Callable[[Any], None] | None = None
-    special_tokens: tuple[str, ...] = ()
-    # Tokenizer attribute -> special token, as the family's real tokenizer names them.
-    token_roles: Mapping[str, str] = field(default_factory=dict)
-    chat_template: str = ""
+    # Processor outputs beyond TOKEN_ALIGNED_KEYS with one entry per token position (what truncation cuts).
+    token_aligned_keys: tuple[str, ...] = ()
     # Whether the processor can batch rows without images together with rows that have images (Mllama's
     # cannot in transformers 5.23: its aspect-ratio tensors then cover only the image rows).
     mixed_image_batches: bool = True
@@ -108,7 +181,7 @@ class Family:
     def role_of(self, name: str) -> str | None:
         """The role of a runtime module or parameter name, or None when it lies outside every role."""
         for role, prefix in self.role_prefixes:
-            if name == prefix or name.startswith(prefix + "."):
+            if under(name, prefix):
                 return role
         return None
 
@@ -117,6 +190,9 @@ class Family:
             if r == role:
                 return prefix
         raise KeyError(f"family {self.name} has no role {role!r}")
+
+    def prefixes_of(self, role: str) -> list[str]:
+        return [prefix for r, prefix in self.role_prefixes if r == role]
 
     def lora_target_regex(self, roles: Iterable[str]) -> str:
         """One anchored regex (PEFT `target_modules` string) for the LoRA-able Linear layers of `roles`."""
@@ -135,10 +211,20 @@ class Family:
         """The anchors' default: LoRA on the language model's projections only."""
         return self.lora_target_patterns["language"]
 
+    @property
+    def all_token_aligned_keys(self) -> tuple[str, ...]:
+        return TOKEN_ALIGNED_KEYS + self.token_aligned_keys
+
     # -- key layouts -----------------------------------------------------------------------------------
     def to_runtime(self, disk_name: str) -> str:
         """Map an on-disk parameter name (either layout) to its runtime name."""
-        return apply_renames(self.disk_to_runtime, disk_name)
+        return self.keys.to_runtime(disk_name)
+
+    def to_disk(self, runtime: str, layout: str) -> str:
+        """The name a runtime parameter is stored under in a checkpoint of `layout` ('runtime'/'original')."""
+        if layout == "runtime":
+            return runtime
+        return self.keys.to_disk(runtime)[0]
 
     def runtime_index(self, disk_names: Iterable[str]) -> dict[str, str]:
         """runtime name -> on-disk name for every tensor of a checkpoint; fails if two collide."""
@@ -158,13 +244,13 @@ class Family:
         names = list(disk_names)
         return "runtime" if all(self.to_runtime(n) == n for n in names) else "original"
 
-
-def apply_renames(renames: Renames, name: str) -> str:
-    for pattern, replacement in renames:
-        new, count = re.subn(pattern, replacement, name, count=1)
-        if count:
-            return new
-    return name
+    def key_layouts(self) -> list[tuple[str, KeyTable]]:
+        """Every key layout an adapter for this family may use, tried in this order."""
+        return [
+            ("runtime", IDENTITY),
+            ("original", self.keys),
+            *((f.layout, f.keys) for f in self.foreign_formats),
+        ]
 
 
 def tied_embeddings(config: Mapping[str, Any]) -> bool:

@@ -8,7 +8,6 @@ merge, a `lora_bias` on a layer without bias, an output dtype that is not a floa
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,26 +147,6 @@ def check_output_location(out: Path, base: Path, adapters: Sequence[Path]) -> No
             raise MergeError(f"--out {out} is or contains the adapter folder {a}; choose another folder.")
 
 
-def invert_prefix(family: Family, runtime: str) -> list[str]:
-    """On-disk spellings of a runtime name, from the family's simple prefix renames (for a tensor the
-    base does not store, such as a tied lm_head)."""
-    out = []
-    for pattern, replacement in family.disk_to_runtime:
-        literal = re.fullmatch(r"\^((?:[A-Za-z0-9_]|\\\.)+)", pattern)
-        if literal and runtime.startswith(replacement):
-            candidate = literal.group(1).replace("\\.", ".") + runtime[len(replacement) :]
-            if family.to_runtime(candidate) == runtime:
-                out.append(candidate)
-    return out
-
-
-def disk_name_for(family: Family, runtime: str, layout: str) -> str:
-    if layout == "runtime":
-        return runtime
-    candidates = invert_prefix(family, runtime)
-    return candidates[0] if candidates else runtime
-
-
 def validate_lora(m: LoraModule, weight: TensorInfo, adapter: Adapter, bias: TensorInfo | None) -> None:
     where = f"{adapter.path}: {m.module}"
     if not lora_math.is_float(weight.dtype):
@@ -286,7 +265,7 @@ def build_plan(
         tensors.append(OutTensor(disk, runtime, src, out_dtype_for(src), steps.pop(runtime, [])))
     if untie and head not in runtime_to_disk:
         assert embed_info is not None
-        name = disk_name_for(family, head, layout)
+        name = family.to_disk(head, layout)  # the key table read backwards
         tensors.append(OutTensor(name, head, embed_info, out_dtype_for(embed_info), steps.pop(head, [])))
     if steps:  # every placed adapter tensor must have landed on an output tensor
         raise MergeError(f"adapter tensors for {sorted(steps)} found no tensor in {base}.")

@@ -1,33 +1,10 @@
-"""Qwen2-VL: `model.visual` (blocks + `merger` projector) and `model.language_model` (Qwen2).
-
-On disk (hub layout, transformers' `Qwen2VLForConditionalGeneration` conversion): `visual.*`,
-`model.layers.*` / `model.embed_tokens` / `model.norm`, `lm_head.*`.
-"""
+"""A tiny Qwen2-VL: ChatML template, Qwen2VL image/video processors at 56-px images."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import TEXT_CONTENT, TINY_SIZES, Family, content_with_images
-
-LANGUAGE_TARGETS = (
-    r"model\.language_model\.layers\.\d+\.(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
-    r"|mlp\.(?:gate_proj|up_proj|down_proj))"
-)
-
-ROLE_PREFIXES = (
-    ("projector", "model.visual.merger"),
-    ("vision", "model.visual"),
-    ("embeddings", "model.language_model.embed_tokens"),
-    ("language", "model.language_model"),
-    ("lm_head", "lm_head"),
-)
-
-# transformers/conversion_mapping.py, "Qwen2VLForConditionalGeneration" (same for Qwen2.5-VL).
-DISK_TO_RUNTIME = (
-    (r"^visual\.", "model.visual."),
-    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
-)
+from ..tiny_kit import TEXT_CONTENT, TINY_SIZES, TinySpec, content_with_images
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -56,6 +33,7 @@ CHAT_TEMPLATE = (
 )
 
 SIZES = TINY_SIZES
+TOKEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 
 
 def mrope_section(hidden: int, heads: int) -> list[int]:
@@ -112,7 +90,12 @@ def tiny_config(size: str, tokens: dict[str, int], vocab_size: int) -> dict[str,
     }
 
 
-def processor_builder(processor_class: str) -> Any:
+def processor_builder(
+    processor_class: str,
+    image_class: str = "Qwen2VLImageProcessor",
+    video_class: str = "Qwen2VLVideoProcessor",
+    patch_size: int = 14,
+) -> Any:
     """A tiny-processor builder for the Qwen processors (Qwen2-VL and Qwen2.5-VL share the image and
     video processors; each has its own processor class)."""
 
@@ -120,10 +103,16 @@ def processor_builder(processor_class: str) -> Any:
         import transformers
 
         # Small images keep tiny models fast: 56x56 is 4x4 patches -> 4 tokens after the 2x2 merge.
-        opts = {"min_pixels": 28 * 28, "max_pixels": 112 * 112, "patch_size": 14, "merge_size": 2}
+        side = patch_size * 2
+        opts = {
+            "min_pixels": side * side,
+            "max_pixels": (4 * side) ** 2,
+            "patch_size": patch_size,
+            "merge_size": 2,
+        }
         return getattr(transformers, processor_class)(
-            image_processor=transformers.Qwen2VLImageProcessor(**opts, temporal_patch_size=2),
-            video_processor=transformers.Qwen2VLVideoProcessor(**opts, temporal_patch_size=2),
+            image_processor=getattr(transformers, image_class)(**opts, temporal_patch_size=2),
+            video_processor=getattr(transformers, video_class)(**opts, temporal_patch_size=2),
             tokenizer=tokenizer,
             chat_template=chat_template,
         )
@@ -131,23 +120,10 @@ def processor_builder(processor_class: str) -> Any:
     return build
 
 
-FAMILY = Family(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    architecture="Qwen2VLForConditionalGeneration",
-    role_prefixes=ROLE_PREFIXES,
-    lora_target_patterns={
-        "language": LANGUAGE_TARGETS,
-        "vision": r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:fc1|fc2))",
-        "projector": r"model\.visual\.merger\.mlp\.(?:0|2)",
-    },
-    disk_to_runtime=DISK_TO_RUNTIME,
-    image_limit_keys=("min_pixels", "max_pixels"),
-    tiny_config=tiny_config,
-    tiny_processor=processor_builder("Qwen2VLProcessor"),
+TINY = TinySpec(
+    config=tiny_config,
+    processor=processor_builder("Qwen2VLProcessor"),
     special_tokens=SPECIAL_TOKENS,
-    token_roles={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     chat_template=CHAT_TEMPLATE,
-    packed_positions="rope_index",
-    rope_index_model="Qwen2VLModel",
+    token_roles=TOKEN_ROLES,
 )

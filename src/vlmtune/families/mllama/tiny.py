@@ -1,24 +1,10 @@
-"""Llama-3.2-Vision (`MllamaForConditionalGeneration`): `model.vision_model` (local + global transformer),
-one Linear `model.multi_modal_projector`, and `model.language_model` whose layers are self-attention or
-cross-attention (`cross_attn.*`) decoder layers.
-
-On disk (hub layout): `language_model.model.*`, `language_model.lm_head.*`, `vision_model.*`,
-`multi_modal_projector.*`.
-"""
+"""A tiny Llama-3.2-Vision: one cross-attention layer, 2 tiles of 56 px, the Llama 3 header template."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import TEXT_CONTENT, TINY_SIZES, Family, content_with_images
-
-# transformers/conversion_mapping.py: "MllamaModel" -> "LlavaModel", plus the top-level renames.
-DISK_TO_RUNTIME = (
-    (r"^language_model\.lm_head\.", "lm_head."),
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^vision_model\.", "model.vision_model."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
-)
+from ..tiny_kit import TEXT_CONTENT, TINY_SIZES, TinySpec, content_with_images
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -29,6 +15,11 @@ SPECIAL_TOKENS = (
     "<|image|>",
     "<|finetune_right_pad_id|>",
 )
+TOKEN_ROLES = {
+    "bos_token": "<|begin_of_text|>",
+    "eos_token": "<|eot_id|>",
+    "pad_token": "<|finetune_right_pad_id|>",
+}
 
 # The Llama 3 header format, assistant turns inside `{% generation %}`.
 CHAT_TEMPLATE = (
@@ -109,44 +100,11 @@ def open_gates(model: Any) -> None:
                 param.fill_(0.5)
 
 
-FAMILY = Family(
-    name="mllama",
-    model_types=("mllama",),
-    architecture="MllamaForConditionalGeneration",
-    role_prefixes=(
-        ("projector", "model.multi_modal_projector"),
-        ("vision", "model.vision_model"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
-    ),
-    lora_target_patterns={
-        "language": (
-            r"model\.language_model\.layers\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)"
-            r"|mlp\.(?:gate_proj|up_proj|down_proj))"
-        ),
-        "vision": (
-            r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+\."
-            r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:fc1|fc2))"
-        ),
-        "projector": r"model\.multi_modal_projector",
-    },
-    disk_to_runtime=DISK_TO_RUNTIME,
-    can_tie_embeddings=False,
-    vllm_unsupported="vLLM no longer serves Llama-3.2-Vision (Mllama) models",
-    tiny_config=tiny_config,
-    tiny_processor=tiny_processor,
-    tiny_post_init=open_gates,
+TINY = TinySpec(
+    config=tiny_config,
+    processor=tiny_processor,
     special_tokens=SPECIAL_TOKENS,
-    token_roles={
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|eot_id|>",
-        "pad_token": "<|finetune_right_pad_id|>",
-    },
     chat_template=CHAT_TEMPLATE,
-    mixed_image_batches=False,
-    packing_unsupported=(
-        "its cross-attention takes images per batch row ([rows, images, tiles]) with a mask its processor "
-        "builds per row, and no per-sample cross-attention mask for packed rows exists or is verified"
-    ),
+    token_roles=TOKEN_ROLES,
+    post_init=open_gates,
 )

@@ -1,13 +1,12 @@
-"""Qwen2.5-VL: as Qwen2-VL, but the vision blocks use a gated MLP (`gate_proj/up_proj/down_proj`, the
-language model's leaf names) and windowed attention."""
+"""A tiny Qwen2.5-VL: Qwen2-VL's tokenizer, template and image processor; its own vision config."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from . import qwen2_vl
-from .base import Family
+from ..qwen2_vl import tiny as qwen2_vl
+from ..tiny_kit import TinySpec
 
 
 def tiny_config(size: str, tokens: dict[str, int], vocab_size: int) -> dict[str, Any]:
@@ -32,16 +31,6 @@ def tiny_config(size: str, tokens: dict[str, int], vocab_size: int) -> dict[str,
     }
 
 
-FAMILY: Family = dataclasses.replace(
-    qwen2_vl.FAMILY,
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    architecture="Qwen2_5_VLForConditionalGeneration",
-    lora_target_patterns={
-        **qwen2_vl.FAMILY.lora_target_patterns,
-        "vision": r"model\.visual\.blocks\.\d+\.(?:attn\.(?:qkv|proj)|mlp\.(?:gate_proj|up_proj|down_proj))",
-    },
-    tiny_config=tiny_config,
-    tiny_processor=qwen2_vl.processor_builder("Qwen2_5_VLProcessor"),
-    rope_index_model="Qwen2_5_VLModel",
+TINY: TinySpec = dataclasses.replace(
+    qwen2_vl.TINY, config=tiny_config, processor=qwen2_vl.processor_builder("Qwen2_5_VLProcessor")
 )
