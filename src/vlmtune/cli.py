@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from . import families
 from .errors import VlmtuneError
 
 app = typer.Typer(
@@ -22,7 +23,7 @@ app = typer.Typer(
 
 @app.command()
 def tiny(
-    family: Annotated[str, typer.Argument(help="qwen2_vl | qwen2_5_vl | llava | mllama")],
+    family: Annotated[str, typer.Argument(help=" | ".join(families.FAMILIES))],
     out_dir: Annotated[Path, typer.Argument(help="folder to write (must not exist or be empty)")],
     seed: Annotated[int, typer.Option(help="seed for weights")] = 0,
     size: Annotated[str, typer.Option(help="tiny (~0.3 M params) | small (~25 M params)")] = "tiny",

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import families
 from .errors import VlmtuneError
 
 COLOURS = {
@@ -159,7 +160,7 @@ def prepare_out(out: Path) -> None:
 
 def run_demo(
     out: str | Path = "runs/demo",
-    family: str = "qwen2_vl",
+    family: str = families.DEMO_FAMILY,
     size: str = "tiny",
     steps: int = 800,
     train_rows: int = 2000,

@@ -30,6 +30,8 @@ from .base import (
 from .tiny_kit import TinySpec
 
 FAMILIES: dict[str, Family] = {}
+# The family `make demo` trains: a tiny one measured to learn the demo's task in ~30 s on 2 cores.
+DEMO_FAMILY = "qwen2_vl"
 # family name -> the package that defines it (its `tiny` module lives there), or its TinySpec itself.
 _SOURCES: dict[str, str | TinySpec | None] = {}
 
