@@ -79,6 +79,14 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 1
     gradient_accumulation: int = 1
+    # Padding-free packed batches (see vlmtune.data.packing): `auto` packs where the family and attention
+    # kernel have an exact packed path and pads otherwise (saying so once); `on` refuses to pad.
+    packing: Literal["auto", "on", "off"] = "auto"
+    # Padded runs: batch rows of similar length together, so less of each batch is padding.
+    group_by_length: bool = False
+    # Batches filled to a token budget instead of `batch_size` rows: the sum of row lengths when packed,
+    # rows x longest row when padded.
+    max_tokens_per_batch: int | None = None
     # Steps (>= 1) or a ratio of all steps (< 1), as transformers' `warmup_steps`.
     warmup: float = 0.0
     scheduler: str = "cosine"
@@ -127,6 +135,7 @@ class TrainConfig:
             "eval_steps": self.eval_steps,
             "save_total_limit": self.save_total_limit,
             "max_length": self.max_length,
+            "max_tokens_per_batch": self.max_tokens_per_batch,
             "projector_lr": self.projector_lr,
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
@@ -159,6 +168,16 @@ class TrainConfig:
             raise ConfigError(
                 "projector_lr is set but the projector is frozen, so it would do nothing; "
                 "set projector: full or projector: lora, or drop projector_lr."
+            )
+        if self.group_by_length and self.packing != "off":
+            raise ConfigError(
+                f"group_by_length orders rows to cut padding, but packing: {self.packing} may pack batches, "
+                "which have none; set packing: off to use group_by_length, or drop it."
+            )
+        if self.max_tokens_per_batch is not None and self.batch_size != 1:
+            raise ConfigError(
+                f"set either batch_size ({self.batch_size}) or max_tokens_per_batch "
+                f"({self.max_tokens_per_batch}), not both: a token budget decides the rows per batch."
             )
         if isinstance(self.resume, bool) and self.resume:
             raise ConfigError("resume must be auto, false or the path of a checkpoint (got true).")
@@ -257,6 +276,9 @@ ALIASES = {
     "model_name_or_path": "model",
     "dataset": "data.train",
     "cutoff_len": "max_length",
+    "neat_packing": "packing",
+    "padding_free": "packing",
+    "max_tokens": "max_tokens_per_batch",
     "image_max_pixels": "max_pixels",
     "image_min_pixels": "min_pixels",
     "bf16": "precision",

@@ -38,6 +38,8 @@ class DataReport:
     # Token counts of the valid rows (with a processor): total and longest, before truncation.
     tokens: int = 0
     longest: int = 0
+    # Tokens of each valid row (by `Sample.where`), before truncation: what length-aware batching plans with.
+    lengths: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"{self.source}: {self.rows} rows, {len(self.samples)} valid, {self.invalid_rows} invalid"]
@@ -150,6 +152,7 @@ def _check_tokens(
             ids = out["input_ids"][row, :n]
             labels = out["labels"][row, :n]
             report.tokens += n
+            report.lengths[sample.where] = n
             report.longest = max(report.longest, n)
             supervised = (labels != IGNORE_INDEX).nonzero().flatten()
             if len(supervised) == 0:

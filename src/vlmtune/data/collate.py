@@ -81,16 +81,19 @@ class Collator:
         self.use_markers = has_generation_markers(processor)
         self.image_token_id = _image_token_id(processor)
 
-    def __call__(self, items: Sequence[Item]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Item] | Sequence[Sequence[Item]]) -> dict[str, Any]:
+        batch = self.rows(flatten(items))
+        if self.supervised_logits_only:
+            add_logits_to_keep(batch)
+        return batch
+
+    def rows(self, items: Sequence[Item]) -> dict[str, Any]:
+        """The padded processor batch of `items` with labels, truncated to max_length."""
         samples = [item.sample for item in items]
         images = [self.load_images(item) for item in items]
         batch = self.encode(samples, images)
         if self.max_length is not None:
             batch = self.truncate(batch, samples)
-        if self.supervised_logits_only:
-            keep = batch["labels"] != IGNORE_INDEX
-            batch["logits_to_keep"] = keep.roll(-1, dims=1)
-            batch["logits_to_keep"][:, -1] = False
         return batch
 
     def load_images(self, item: Item) -> list[Any]:
@@ -167,6 +170,19 @@ class Collator:
             if key in batch:
                 batch[key] = batch[key][:, :limit]
         return batch
+
+
+def flatten(items: Sequence[Item] | Sequence[Sequence[Item]]) -> list[Item]:
+    """Items as the DataLoader hands them: one per row, or (from a planned-batch dataset, see
+    vlmtune.data.batching) one list of items per planned batch."""
+    return [it for entry in items for it in (entry if isinstance(entry, (list, tuple)) else [entry])]
+
+
+def add_logits_to_keep(batch: dict[str, Any]) -> None:
+    """`logits_to_keep`: the positions whose next token is supervised (see vlmtune.train.loss)."""
+    keep = batch["labels"] != IGNORE_INDEX
+    batch["logits_to_keep"] = keep.roll(-1, dims=1)
+    batch["logits_to_keep"][:, -1] = False
 
 
 def assistant_spans(

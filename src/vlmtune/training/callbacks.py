@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,12 +56,8 @@ class MetricsLog(TrainerCallback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.last_time = 0.0
-        self.last_tokens = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.last_time = time.perf_counter()
-        self.last_tokens = state.num_input_tokens_seen or 0
         if not state.is_world_process_zero:
             return
         kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= state.global_step]
@@ -76,16 +71,11 @@ class MetricsLog(TrainerCallback):
         entry: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         step_log = "loss" in logs
         for key, value in logs.items():
-            # Trainer adds run-so-far averages to step logs; the interval rate below is what a curve needs.
+            # Trainer adds run-so-far averages to step logs; the interval rate (VlmTrainer.log) is what a curve needs.
             if key not in SKIP and not (step_log and key in ("train_runtime", "train_tokens_per_second")):
                 entry[RENAME.get(key, key)] = value
-        if "loss" in logs:
-            now = time.perf_counter()
-            tokens = state.num_input_tokens_seen or 0
-            if now > self.last_time and tokens >= self.last_tokens:
-                entry["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
-            entry["tokens"] = tokens
-            self.last_time, self.last_tokens = now, tokens
+        if "loss" in logs:  # tokens_per_second and padding_ratio come with the log (VlmTrainer.log)
+            entry["tokens"] = state.num_input_tokens_seen or 0
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 

@@ -121,6 +121,7 @@ def run(
     set_seed(cfg.seed)
     precision = pick_precision(cfg.precision)
     model = load_model(folder, precision)
+    packed = choose_packing(cfg, family, model)
     plan = make_plan(model, family, cfg)
     model = wrap_peft(model, plan, cfg)
     base = adapter_save.base_info(_model_id(cfg.model), folder, base_config, family.name)
@@ -148,7 +149,7 @@ def run(
         + "\n"
     )
     trainer = build_trainer(
-        cfg, run_dir, model, processor, family, plan, base, train_report, eval_report, precision
+        cfg, run_dir, model, processor, family, plan, base, train_report, eval_report, precision, packed
     )
     for callback in callbacks:
         trainer.add_callback(callback)
@@ -161,7 +162,7 @@ def run(
         trainer.evaluate()
 
     manifest = adapter_save.build_manifest(
-        base, plan, training_summary(cfg, trainer.state, plan, train_report, eval_report, precision)
+        base, plan, training_summary(cfg, trainer.state, plan, train_report, eval_report, precision, packed)
     )
     adapter_save.save_adapter(model, processor, manifest, run_dir / rundir.ADAPTER, overwrite=True)
     _plot(run_dir)
@@ -219,7 +220,7 @@ def check_data(cfg: TrainConfig, processor: Any, family: families.Family) -> tup
         train.samples = [s for s in train.samples if s.where not in held]
     if not family.mixed_image_batches:
         for report, size in ((train, cfg.batch_size), (evaluation, cfg.batch_size)):
-            if report is None or size == 1:
+            if report is None or (size == 1 and not cfg.max_tokens_per_batch):
                 continue
             text_only = [s for s in report.samples if not s.images]
             if text_only and len(text_only) < len(report.samples):
@@ -229,6 +230,15 @@ def check_data(cfg: TrainConfig, processor: Any, family: families.Family) -> tup
                     "batch_size: 1 or move the text-only rows to their own run."
                 )
     return train, evaluation
+
+
+def choose_packing(cfg: TrainConfig, family: families.Family, model: Any) -> bool:
+    """Whether batches are packed (`packing: on` without an exact path raises before anything is written)."""
+    from ..data.packing import choose
+
+    choice = choose(cfg.packing, family, model.config)
+    (log.warning if cfg.packing == "auto" and not choice.packed else log.info)("%s", choice.message)
+    return choice.packed
 
 
 def load_model(folder: Path, precision: Precision) -> Any:
@@ -276,15 +286,17 @@ def build_trainer(
     train_report: Any,
     eval_report: Any,
     precision: Precision,
+    packed: bool = False,
 ) -> Any:
     from transformers import TrainingArguments
 
-    from ..data.collate import Collator, SampleDataset
+    from ..data.collate import SampleDataset
     from .callbacks import CompleteCheckpoints, EpochSeed, MetricsLog
     from .loss import supervised_token_loss
     from .trainer import VlmTrainer
 
     train_dataset = SampleDataset(train_report.samples, augment=cfg.augment)
+    train_batches, rows_per_batch = planned_batches(cfg, train_dataset, train_report, packed)
     eval_dataset = SampleDataset(eval_report.samples) if eval_report else None
     has_eval = eval_dataset is not None
     report_to, extra_callbacks = _reporting(cfg, run_dir)
@@ -296,7 +308,7 @@ def build_trainer(
         }
     args = TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=rows_per_batch,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.lr,
@@ -319,7 +331,8 @@ def build_trainer(
         save_total_limit=None,  # rotation happens over step-N folders (CompleteCheckpoints)
         report_to=report_to,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches have no padding (and no attention_mask to count it by).
+        include_num_input_tokens_seen="all" if packed else "non_padding",
         label_names=["labels"],
         prediction_loss_only=True,  # eval needs the loss only; do not gather logits
         dataloader_pin_memory=not precision.on_cpu,
@@ -330,7 +343,7 @@ def build_trainer(
     )
 
     def manifest_for(state: Any) -> Any:
-        summary = training_summary(cfg, state, plan, train_report, eval_report, precision)
+        summary = training_summary(cfg, state, plan, train_report, eval_report, precision, packed)
         return adapter_save.build_manifest(base, plan, summary)
 
     callbacks = [
@@ -339,13 +352,7 @@ def build_trainer(
         EpochSeed(train_dataset),
         *extra_callbacks,
     ]
-    collator = Collator(
-        processor,
-        loss_on=cfg.data.loss_on,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        supervised_logits_only=True,
-    )
+    collator = make_collator(cfg, processor, family, model, packed)
     projector_params = []
     if cfg.projector_lr is not None:
         projector_params = [
@@ -354,13 +361,51 @@ def build_trainer(
     return VlmTrainer(
         model=model,
         args=args,
-        train_dataset=train_dataset,
+        train_dataset=train_batches,
         eval_dataset=eval_dataset,
         data_collator=collator,
         callbacks=callbacks,
         compute_loss_func=supervised_token_loss,
         group_lrs=[(projector_params, cfg.projector_lr)] if projector_params else [],
     )
+
+
+def make_collator(cfg: TrainConfig, processor: Any, family: families.Family, model: Any, packed: bool) -> Any:
+    from ..data.collate import Collator
+    from ..data.packing import PackedCollator, positions_for
+
+    options: dict[str, Any] = {
+        "loss_on": cfg.data.loss_on,
+        "max_length": cfg.max_length,
+        "seed": cfg.seed,
+        "supervised_logits_only": True,
+    }
+    if packed:
+        return PackedCollator(processor, positions_for(family, model.config), **options)
+    return Collator(processor, **options)
+
+
+def planned_batches(cfg: TrainConfig, dataset: Any, report: Any, packed: bool) -> tuple[Any, int]:
+    """The dataset the Trainer iterates and its batch size: rows (batch_size each), or with
+    group_by_length / max_tokens_per_batch one item per planned batch (see vlmtune.data.batching)."""
+    from ..data.batching import BatchDataset, padding_stats, plan_batches
+
+    if not (cfg.group_by_length or cfg.max_tokens_per_batch):
+        return dataset, cfg.batch_size
+    cap = cfg.max_length or float("inf")
+    lengths = [int(min(report.lengths[s.where], cap)) for s in dataset.samples]
+    batches = plan_batches(
+        lengths, cfg.batch_size, cfg.seed, cfg.group_by_length, cfg.max_tokens_per_batch, packed
+    )
+    stats = padding_stats(batches, lengths, packed)
+    log.info(
+        "planned %d batches of %d rows (%s); padding ratio of the plan %.3f",
+        stats["batches"],
+        len(lengths),
+        "grouped by length" if cfg.group_by_length else f"<= {cfg.max_tokens_per_batch} tokens each",
+        stats["padding_ratio"],
+    )
+    return BatchDataset(dataset, batches), 1
 
 
 def data_workers(cfg: TrainConfig, precision: Precision) -> int:
@@ -381,7 +426,13 @@ def data_workers(cfg: TrainConfig, precision: Precision) -> int:
 
 
 def training_summary(
-    cfg: TrainConfig, state: Any, plan: TargetPlan, train_report: Any, eval_report: Any, precision: Precision
+    cfg: TrainConfig,
+    state: Any,
+    plan: TargetPlan,
+    train_report: Any,
+    eval_report: Any,
+    precision: Precision,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """What the manifest records about how the adapter was trained."""
     losses = [row["loss"] for row in state.log_history if "loss" in row]
@@ -400,6 +451,12 @@ def training_summary(
         "projector_lr": cfg.projector_lr,
         "batch_size": cfg.batch_size,
         "gradient_accumulation": cfg.gradient_accumulation,
+        "batches": {
+            "packing": cfg.packing,
+            "packed": packed,
+            "group_by_length": cfg.group_by_length,
+            "max_tokens_per_batch": cfg.max_tokens_per_batch,
+        },
         "scheduler": cfg.scheduler,
         "warmup": cfg.warmup,
         "precision": precision.name,
