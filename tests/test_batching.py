@@ -4,6 +4,7 @@ do nothing or contradict each other."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -27,7 +28,7 @@ def test_token_budget_is_held_and_every_row_comes_once(packed, group):
     assert rows_once(batches)
     assert all(batch_cost([LENGTHS[i] for i in b], packed) <= 1200 for b in batches)
     # Greedy filling: adding the next batch's first row would have broken the budget.
-    for b, nxt in zip(batches, batches[1:], strict=False):
+    for b, nxt in itertools.pairwise(batches):
         assert batch_cost([LENGTHS[i] for i in [*b, nxt[0]]], packed) > 1200
 
 
@@ -61,7 +62,7 @@ def test_config_keys():
     assert (cfg.packing, cfg.group_by_length, cfg.max_tokens_per_batch) == ("auto", False, None)
     with pytest.raises(ConfigError, match="packing must be one of 'auto', 'on', 'off'"):
         from_dict(TrainConfig, base(packing="yes"))
-    with pytest.raises(ConfigError, match="group_by_length .* packing: auto may pack batches"):
+    with pytest.raises(ConfigError, match=r"group_by_length .* packing: auto may pack batches"):
         from_dict(TrainConfig, base(group_by_length=True)).validate()
     assert from_dict(TrainConfig, base(group_by_length=True, packing="off")).validate().group_by_length
     with pytest.raises(ConfigError, match=r"set either batch_size \(4\) or max_tokens_per_batch \(2048\)"):
