@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import families
 from ..errors import VlmtuneError
-from .collate import IGNORE_INDEX, TOKEN_ALIGNED_KEYS, Collator, Item, add_logits_to_keep, flatten
+from .collate import IGNORE_INDEX, Collator, Item, add_logits_to_keep, flatten
 
 # Attention implementations whose packed path transformers builds from position ids (block mask or varlen).
 PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
@@ -148,12 +149,13 @@ class PackedCollator(Collator):
         import torch
 
         keys = list(dict.fromkeys(k for s in samples for k in s))
+        token_aligned = families.token_aligned_keys()
         packed: dict[str, Any] = {}
         for key in keys:
             if key == "attention_mask":  # its absence is what makes transformers read the restarts
                 continue
             values = [s[key] for s in samples if key in s]
-            if key in TOKEN_ALIGNED_KEYS:
+            if key in token_aligned:
                 if len(values) != len(samples):
                     raise ValueError(f"the processor returned {key!r} for some samples only")
                 packed[key] = torch.cat(values, dim=1)
