@@ -195,9 +195,9 @@ def test_processor_and_chat_template_from_the_adapter_folder(adapters, tmp_path)
     assert engine.adapters["own"].processor == str(own)
     assert engine.adapters["template"].processor == str(template)
     assert engine.adapters["same"].processor == "base"
-    assert "Answer in colours." in engine.prepare(req(IMAGE_PROMPT, "own")).text
-    assert "Answer in shapes." in engine.prepare(req(IMAGE_PROMPT, "template")).text
-    assert "You are a helpful assistant." in engine.prepare(req(IMAGE_PROMPT, "same")).text
+    assert "Answer in colours." in engine.prepare(req(IMAGE_PROMPT, "own"))[0].text
+    assert "Answer in shapes." in engine.prepare(req(IMAGE_PROMPT, "template"))[0].text
+    assert "You are a helpful assistant." in engine.prepare(req(IMAGE_PROMPT, "same"))[0].text
     big = [image(0, size=112)]
     got = engine.logits([Request(IMAGE_PROMPT, big, n) for n in ("own", "same", BASE)])
     # 'own' is encoded by its own processor (its template; the 112-px image cut to its 56-px limit).

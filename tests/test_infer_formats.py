@@ -130,7 +130,7 @@ def test_peft_folders_of_other_tools_equal_peft_from_pretrained(tool, tiny_model
         [peft_logits(base, adapter, IMAGE_PROMPT, [image(0)]), peft_logits(base, adapter, TEXT_PROMPT, [])],
     )
     if tool == "vlm_r1":
-        assert "lm_head" in {m.rsplit(".", 1)[-1] for m in engine._adapters[tool].adapter.lora}
+        assert "lm_head" in {m.rsplit(".", 1)[-1] for m in engine.registry[tool].adapter.lora}
 
 
 def test_rank_and_alpha_patterns_keep_per_module_values(tiny_model, tmp_path):
@@ -146,7 +146,7 @@ def test_rank_and_alpha_patterns_keep_per_module_values(tiny_model, tmp_path):
         lora_bias=True,
     )
     engine = load(base, {"p": adapter}, device="cpu")
-    lora = engine._adapters["p"].adapter.lora
+    lora = engine.registry["p"].adapter.lora
     assert lora["model.language_model.layers.0.self_attn.q_proj"].r == 8
     assert lora["model.language_model.layers.1.mlp.down_proj"].r == 2
     assert lora["model.language_model.layers.0.self_attn.v_proj"].alpha == 3

@@ -120,8 +120,8 @@ def predict(
 ) -> None:
     """Run a dataset through the base and adapters (un-merged); write predictions, report scores and speed."""
     from .infer import GenerationSettings
-    from .infer.engine import parse_adapter_specs
     from .infer.predict import predict as run_predict
+    from .infer.specs import parse_adapter_specs
 
     settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed=seed)
     summary = run_predict(
@@ -156,7 +156,7 @@ def chat(
     """Chat in the terminal with images; /adapter NAME switches adapters, /image PATH attaches an image."""
     from .infer import GenerationSettings
     from .infer.chat import start_chat
-    from .infer.engine import parse_adapter_specs
+    from .infer.specs import parse_adapter_specs
 
     start_chat(
         model,

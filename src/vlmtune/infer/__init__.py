@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .engine import Engine, InferenceError, load
-from .types import BASE, AdapterInfo, Generation, GenerationSettings, Request
+from .engine import Engine, load
+from .routing import RowMismatch
+from .types import BASE, AdapterInfo, Generation, GenerationSettings, InferenceError, Prepared, Request
 
 __all__ = [
     "BASE",
@@ -12,6 +13,8 @@ __all__ = [
     "Generation",
     "GenerationSettings",
     "InferenceError",
+    "Prepared",
     "Request",
+    "RowMismatch",
     "load",
 ]

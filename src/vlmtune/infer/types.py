@@ -6,9 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import VlmtuneError
+
 # The adapter name that runs the base model alone. `none` is accepted as an alias (case-insensitive).
 BASE = "__base__"
 BASE_ALIASES = ("__base__", "none")
+
+
+class InferenceError(VlmtuneError):
+    """A request or an adapter the engine cannot serve as asked."""
 
 
 def canonical_adapter(name: str | None) -> str | None:
@@ -32,8 +38,6 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        from ..errors import VlmtuneError
-
         if self.max_new_tokens < 1:
             raise VlmtuneError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}).")
         if self.do_sample and self.temperature <= 0:
@@ -63,6 +67,18 @@ class Request:
 
 
 @dataclass
+class Prepared:
+    """A request checked and rendered, the unit `Engine.encode` batches: the adapter it runs under (a
+    loaded name or BASE), the key of the processor that renders and encodes it, the prompt text, and its
+    images (decoded PIL images, or still their sources when prepared with `policy=None`)."""
+
+    adapter: str
+    processor: str
+    text: str
+    images: list[Any]
+
+
+@dataclass
 class Generation:
     """The result for one request."""
 
@@ -87,4 +103,5 @@ class AdapterInfo:
     mixable: bool  # may share a forward with other adapters (PEFT `adapter_names=`)
     not_mixable_because: str | None
     processor: str  # 'base' or the adapter folder whose processor/chat template is used
+    sha256: str  # content hash of the files the adapter was loaded from (weights, configs, processor)
     warnings: list[str] = field(default_factory=list)
