@@ -40,12 +40,12 @@ class Engine:
     Whole calls (`generate`, `chat`, `logits`, `add_adapter`, `remove_adapter`) are thread-safe: they hold
     `engine.lock`. A scheduler (continuous batching in `vlmtune serve`) drives the same steps itself:
 
-        rows = engine.prepare(requests, policy=...)   # list[Prepared]: adapter resolved, template
-                                                  #   rendered, images opened; raises on a bad request
-        for batch in engine.plan(rows, 8):        # list[list[int]]: rows that may share a forward
-            inputs = engine.encode([rows[i] for i in batch])   # processor call, on the model's device
+        rows = engine.prepare(requests, policy=policy)  # list[Prepared]: adapter resolved, template
+                                                        #   rendered, images opened; raises on a bad one
+        for batch in engine.plan(rows, 8):              # list[list[int]]: rows that may share a forward
+            inputs = engine.encode([rows[i] for i in batch])  # processor call, on the model's device
             with torch.inference_mode(), engine.route([rows[i].adapter for i in batch]):
-                out = engine.model(**inputs, cache=cache, use_cache=True)   # any forward(s)
+                out = engine.model(**inputs, cache=cache, use_cache=True)  # any forward(s): prefill, decode
 
     `route(adapters)` takes one adapter name per batch row (`Prepared.adapter`; BASE for the base) and
     routes every forward inside the block, prefill and decode steps alike. When a layer an adapter
