@@ -94,7 +94,12 @@ def test_resolved_config_round_trips(yaml_file, tmp_path):
         (["warmup=2.5"], "whole number of steps"),
         (["lora.dropout=1.0"], "lora.dropout"),
         (["batch_size=0"], "batch_size must be positive"),
-        (["min_pixels=5000", "max_pixels=100"], "larger than max_pixels"),
+        (["image_limits.min_pixels=5000", "image_limits.max_pixels=100"], "larger than max_pixels"),
+        (["image_limits.max_pixels=0"], "image_limits.max_pixels must be positive"),
+        (["image_limits=3"], "image_limits must be a mapping"),
+        # The pre-registry top-level spelling says the new one in one line.
+        (["max_pixels=100"], "image limits are per family: write image_limits.max_pixels"),
+        (["image_max_pixels=100"], "did you mean 'image_limits.max_pixels'?"),
         (["resume=true"], "resume must be auto, false or the path"),
         (["model="], "model must be a string (got None)"),
     ],

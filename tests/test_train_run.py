@@ -70,8 +70,11 @@ def trained(tiny_model, tmp_path_factory):
                     "save_steps": 3,
                     "logging_steps": 1,
                     "precision": "fp32",
-                    "min_pixels": 28 * 28 * 4 if families.get(family).image_limit_keys else None,
-                    "max_pixels": 56 * 56 if families.get(family).image_limit_keys else None,
+                    "image_limits": (
+                        {"min_pixels": 28 * 28 * 4, "max_pixels": 56 * 56}
+                        if families.get(family).image_limit_keys
+                        else {}
+                    ),
                 },
                 callbacks=[keep],
             )

@@ -150,4 +150,4 @@ def test_projector_lora_without_linear_projector_is_an_error():
 
 def test_image_limits_on_a_family_without_them_is_an_error(tiny_model):
     with pytest.raises(ConfigError, match="max_pixels would do nothing"):
-        dry_run(config(tiny_model("llava"), max_pixels=1000))
+        dry_run(config(tiny_model("llava"), image_limits={"max_pixels": 1000}))

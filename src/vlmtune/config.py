@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from . import families
 from .errors import VlmtuneError
 
 
@@ -97,9 +98,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Longest sequence in tokens (image tokens included); longer rows are truncated, counted and reported.
     max_length: int | None = None
-    # Image resolution limits, for families whose processor has them (Qwen2-VL: pixels per image).
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    # Image resolution limits: processor attributes the model's family declares (`image_limit_keys`,
+    # e.g. min_pixels/max_pixels); a key the family lacks is an error once the model is known.
+    image_limits: dict[str, int] = field(default_factory=dict)
     # Light, size-preserving image augmentation (colour jitter, small shifts); off by default.
     augment: bool = False
     eval_steps: int | None = None
@@ -137,8 +138,7 @@ class TrainConfig:
             "max_length": self.max_length,
             "max_tokens_per_batch": self.max_tokens_per_batch,
             "projector_lr": self.projector_lr,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
+            **{f"image_limits.{k}": v for k, v in self.image_limits.items()},
         }
         for key, value in {
             **positive,
@@ -160,10 +160,10 @@ class TrainConfig:
             raise ConfigError(
                 "eval_steps is set but there is no eval data; set data.eval or data.eval_split."
             )
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise ConfigError(
-                f"min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})."
-            )
+        for key, low in self.image_limits.items():
+            high = self.image_limits.get("max_" + key[4:]) if key.startswith("min_") else None
+            if high is not None and low > high:
+                raise ConfigError(f"image_limits: {key} ({low}) is larger than max_{key[4:]} ({high}).")
         if self.projector_lr is not None and self.projector != "full" and self.projector != "lora":
             raise ConfigError(
                 "projector_lr is set but the projector is frozen, so it would do nothing; "
@@ -279,8 +279,8 @@ ALIASES = {
     "neat_packing": "packing",
     "padding_free": "packing",
     "max_tokens": "max_tokens_per_batch",
-    "image_max_pixels": "max_pixels",
-    "image_min_pixels": "min_pixels",
+    "image_max_pixels": "image_limits.max_pixels",
+    "image_min_pixels": "image_limits.min_pixels",
     "bf16": "precision",
     "fp16": "precision",
     "resume_from_checkpoint": "resume",
@@ -292,8 +292,11 @@ ALIASES = {
 
 def suggest(key: str, candidates: list[str]) -> str:
     """' ; did you mean X?' for the closest candidate, or a list of valid keys when nothing is close."""
-    alias = ALIASES.get(key.rsplit(".", 1)[-1])
-    if alias in candidates:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in families.image_limit_keys():  # a family's processor limit, spelled as a top-level key
+        return f"; image limits are per family: write image_limits.{leaf}"
+    alias = ALIASES.get(leaf)
+    if alias in candidates or (alias and alias.split(".")[0] in candidates):
         return f"; did you mean {alias!r}?"
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
@@ -341,6 +344,11 @@ def _coerce(value: Any, hint: Any, key: str, root: type) -> Any:
         if value in args:
             return value
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))} (got {value!r}).")
+    if origin is dict:
+        _, item = args
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (got {value!r}).")
+        return {str(k): _coerce(v, item, f"{key}.{k}", root) for k, v in value.items()}
     if origin is list:
         (item,) = args
         if isinstance(value, (str, int, float)) or not isinstance(value, (list, tuple)):

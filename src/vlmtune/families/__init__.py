@@ -50,6 +50,7 @@ __all__ = [
     "detect",
     "foreign_format",
     "get",
+    "image_limit_keys",
     "register",
     "register_module",
     "scoped",
@@ -144,6 +145,11 @@ def token_aligned_keys() -> tuple[str, ...]:
     for family in FAMILIES.values():
         keys += [k for k in family.token_aligned_keys if k not in keys]
     return tuple(keys)
+
+
+def image_limit_keys() -> tuple[str, ...]:
+    """Every processor image-limit key some family declares (config spelling hints)."""
+    return tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.image_limit_keys))
 
 
 def foreign_format(folder: Path, folder_config: Mapping[str, Any]) -> tuple[Family, ForeignFormat] | None:

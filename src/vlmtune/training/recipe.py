@@ -39,9 +39,7 @@ def resolve_config(
 
 def image_limits(cfg: TrainConfig, family: families.Family) -> dict[str, int]:
     """Processor kwargs for the image limits the config sets; an error where the family has none."""
-    limits = {
-        k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v is not None
-    }
+    limits = dict(cfg.image_limits)
     unsupported = [k for k in limits if k not in family.image_limit_keys]
     if unsupported:
         raise ConfigError(
@@ -462,9 +460,7 @@ def training_summary(
         "precision": precision.name,
         "seed": cfg.seed,
         "max_length": cfg.max_length,
-        "image_limits": {
-            k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v
-        },
+        "image_limits": dict(cfg.image_limits),
         "augment": cfg.augment,
         "data": {
             "train": train_report.to_dict(),
