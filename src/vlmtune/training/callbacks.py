@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from transformers import TrainerCallback
 
 from ..adapters.manifest import Manifest
 from ..adapters.save import complete
+from ..errors import VlmtuneError
 from . import rundir
 
 # Trainer log keys -> metrics.jsonl keys.
@@ -88,6 +91,61 @@ class EpochSeed(TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.dataset.epoch = math.floor((state.epoch or 0.0) + 1e-6)
+
+
+class RunStatus(TrainerCallback):
+    """`with RunStatus(run_dir): trainer.train(); save...` holds `train.lock` (flock) while training and records in
+    status.json who trains (pid, host), from which step to which, and how it ended (finished | failed).
+    The lock is what tells a reader (`vlmtune ui`) that the run is alive: a killed process cannot keep it.
+    Only the rank-0 process writes."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.fd: int | None = None
+        self.status: dict[str, Any] = {}
+        self.rank0 = int(os.environ.get("RANK", "0")) == 0
+
+    def __enter__(self) -> RunStatus:
+        if not self.rank0:
+            return self
+        import fcntl
+
+        self.fd = os.open(self.run_dir / rundir.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            other = rundir.read_status(self.run_dir)
+            raise VlmtuneError(
+                f"another process (pid {other.get('pid')} on {other.get('host')}) is training in {self.run_dir}; "
+                "wait for it to end or choose another output_dir."
+            ) from None
+        self.status = {
+            "state": "running",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+        }
+        rundir.write_status(self.run_dir, self.status)
+        return self
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.fd is not None:
+            self.status.update(start_step=state.global_step, max_steps=state.max_steps)
+            rundir.write_status(self.run_dir, self.status)
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if self.fd is None:
+            return
+        self.status.update(state="failed" if exc is not None else "finished", ended=time.time())
+        if exc is not None:
+            self.status["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        try:
+            rundir.write_status(self.run_dir, self.status)
+        finally:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -151,19 +151,26 @@ def run(
     )
     for callback in callbacks:
         trainer.add_callback(callback)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    evaluated = any(
-        "eval_loss" in row and row.get("step") == trainer.state.global_step
-        for row in trainer.state.log_history
-    )
-    if trainer.eval_dataset is not None and not evaluated:
-        trainer.evaluate()
+    from .callbacks import RunStatus
 
-    manifest = adapter_save.build_manifest(
-        base, plan, training_summary(cfg, trainer.state, plan, train_report, eval_report, precision, packed)
-    )
-    adapter_save.save_adapter(model, processor, manifest, run_dir / rundir.ADAPTER, overwrite=True)
-    _plot(run_dir)
+    status = RunStatus(run_dir)  # train.lock + status.json: what tells `vlmtune ui` the run is alive
+    trainer.add_callback(status)
+    with status:  # held until the adapter is written
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        evaluated = any(
+            "eval_loss" in row and row.get("step") == trainer.state.global_step
+            for row in trainer.state.log_history
+        )
+        if trainer.eval_dataset is not None and not evaluated:
+            trainer.evaluate()
+
+        manifest = adapter_save.build_manifest(
+            base,
+            plan,
+            training_summary(cfg, trainer.state, plan, train_report, eval_report, precision, packed),
+        )
+        adapter_save.save_adapter(model, processor, manifest, run_dir / rundir.ADAPTER, overwrite=True)
+        _plot(run_dir)
     log.info("adapter written to %s", run_dir / rundir.ADAPTER)
     return run_dir
 

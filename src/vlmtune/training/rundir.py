@@ -8,6 +8,8 @@ OUTPUT_DIR/
   loss.png               train and eval loss
   checkpoints/step-N/    complete adapter dir + trainer state (optimizer, scheduler, RNG)
   adapter/               the final adapter dir
+  status.json            who trains it (pid, host, start, max_steps), how it ended
+  train.lock             flock-ed by the training process while it trains (the kernel drops it on exit)
 ```
 The Trainer writes `checkpoints/checkpoint-N/`; a callback completes it and renames it to `step-N` (one
 atomic rename), so a `step-N` folder is complete by construction and a killed save leaves only a
@@ -16,8 +18,11 @@ atomic rename), so a `step-N` folder is complete by construction and a killed sa
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,10 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 STEP = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
+STATUS = "status.json"
+LOCK = "train.lock"
+# A run without status.json (written before it existed) counts as running while metrics.jsonl is this fresh.
+FRESH_METRICS_S = 120
 # Keys a resumed run may change; any other difference means it is a different run.
 RESUME_MAY_CHANGE = frozenset(
     {
@@ -154,3 +163,54 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             out.extend(_diff(old.get(key), new.get(key), f"{prefix}{key}."))
         return out
     return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+# -- run state (read by `vlmtune ui`; written by train.callbacks.RunStatus) -------------------------------
+
+
+def write_status(run_dir: Path, status: dict[str, Any]) -> None:
+    tmp = run_dir / f".{STATUS}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    os.replace(tmp, run_dir / STATUS)
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        status = json.loads((run_dir / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether a training process holds `train.lock` now (a killed one cannot: the kernel releases it)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): fall back to status.json and file times
+        return False
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops our shared lock too
+    return False
+
+
+def run_state(run_dir: Path) -> str:
+    """running | finished | resumable (stopped with a complete checkpoint) | failed (stopped without one)."""
+    if (run_dir / ADAPTER).is_dir() and not missing_files(run_dir / ADAPTER):
+        return "finished"
+    if lock_held(run_dir):
+        return "running"
+    status = read_status(run_dir)
+    metrics = run_dir / METRICS
+    if not status and metrics.is_file() and time.time() - metrics.stat().st_mtime < FRESH_METRICS_S:
+        return "running"
+    return "resumable" if complete_checkpoints(run_dir) else "failed"
