@@ -262,6 +262,47 @@ def demo(
 # --- end training ---
 
 
+# --- ui ---
+@app.command()
+def ui(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Option("--runs", help="folder of run dirs (or one run dir); repeat for several"),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="base model for side-by-side answers")] = None,
+    adapter: AdapterOption = None,
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback needs --token")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 7860,
+    token: Annotated[
+        str | None, typer.Option(envvar="VLMTUNE_UI_TOKEN", help="required token (bearer header or login)")
+    ] = None,
+    merge_dir: Annotated[
+        Path | None, typer.Option(help="allow merges from the page, written only under this folder")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
+) -> None:
+    """A local web dashboard: runs with live curves, data as the model sees it, adapters side by side, merges."""
+    from .infer.engine import parse_adapter_specs
+    from .ui import UiSettings, run_ui
+
+    settings = UiSettings(
+        runs=list(runs or []),
+        model=model,
+        adapters=parse_adapter_specs(adapter or []),
+        host=host,
+        port=port,
+        token=token,
+        merge_dir=merge_dir,
+    )
+    run_ui(settings, device=device, dtype=dtype)
+
+
+# --- end ui ---
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; anything else is a bug and keeps its traceback."""
     try:

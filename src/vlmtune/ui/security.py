@@ -1,0 +1,157 @@
+"""Who may use the dashboard, and which files it may touch.
+
+- Bind: loopback by default; any other host needs a token (refused at start-up otherwise).
+- Auth: with a token, every `/api` route needs `Authorization: Bearer TOKEN` or the session cookie that
+  `POST /api/login` sets (HttpOnly, SameSite=Strict); 401 otherwise. The page and its static files are
+  public (they hold no data).
+- CSRF: a state-changing request that a browser could send on its own (cookie or no auth) needs the
+  `X-CSRF-Token` header equal to the `vlmtune_csrf` cookie (double submit: a page of another origin can
+  neither read the cookie nor set the header without a CORS preflight, which is never granted) and, when
+  the browser sends an Origin, one equal to the Host; 403 otherwise. Bearer requests are exempt (browsers
+  never attach that header by themselves).
+- Host header: on a loopback bind only loopback names are served (403 otherwise): a DNS-rebinding page
+  cannot reach the dashboard under its own name.
+- Files: only under the folders named on the command line (`resolve_under`); `..`, absolute paths and
+  symlinks that lead out are 403.
+- Bodies: capped (413), and POST needs a Content-Length (411).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..errors import VlmtuneError
+
+SESSION_COOKIE = "vlmtune_session"
+CSRF_COOKIE = "vlmtune_csrf"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+PUBLIC_API = ("/api/session", "/api/login")
+
+
+class UiSecurityError(VlmtuneError):
+    """A start-up setting that would expose the dashboard."""
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    if not is_loopback(host) and not token:
+        raise UiSecurityError(
+            f"--host {host} makes the dashboard reachable from other machines; give --token TOKEN (or set "
+            "VLMTUNE_UI_TOKEN) so that only you can use it, or bind 127.0.0.1."
+        )
+
+
+def session_value(token: str) -> str:
+    """The login cookie: derived from the token (never the token itself), so it survives a restart."""
+    return hmac.new(token.encode(), b"vlmtune-ui-session", hashlib.sha256).hexdigest()
+
+
+def bearer(headers: Any) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, credential = value.partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
+
+
+def equal(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+def host_name(host_header: str) -> str:
+    """'127.0.0.1:7860' -> '127.0.0.1'; '[::1]:7860' -> '::1'."""
+    if host_header.startswith("["):
+        return host_header[1 : host_header.find("]")] if "]" in host_header else host_header
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def resolve_under(roots: Sequence[Path], relative: str, root: Path | None = None) -> Path:
+    """`relative` inside one of `roots` (or inside `root`), resolved; raises PermissionError otherwise."""
+    pure = PurePosixPath(relative.replace("\\", "/"))
+    if pure.is_absolute() or ".." in pure.parts or relative.startswith("~"):
+        raise PermissionError(f"{relative!r}: only paths inside the dashboard's folders are served")
+    bases = [root] if root is not None else list(roots)
+    for base in bases:
+        base = base.resolve()
+        candidate = (base / pure).resolve()
+        if candidate == base or candidate.is_relative_to(base):
+            return candidate
+    raise PermissionError(f"{relative!r} leads outside the dashboard's folders")
+
+
+def inside(roots: Sequence[Path], path: Path) -> bool:
+    resolved = path.resolve()
+    return any(resolved == r.resolve() or resolved.is_relative_to(r.resolve()) for r in roots)
+
+
+class Guard:
+    """The checks above as one HTTP middleware (`app.middleware("http")(Guard(...))`)."""
+
+    def __init__(self, token: str | None, host: str, max_body: int) -> None:
+        self.token = token
+        self.loopback = is_loopback(host)
+        self.max_body = max_body
+
+    def authenticated(self, request: Any) -> str | None:
+        """'bearer' | 'cookie' | 'open' (no token configured) | None."""
+        if not self.token:
+            return "open"
+        if equal(bearer(request.headers), self.token):
+            return "bearer"
+        if equal(request.cookies.get(SESSION_COOKIE), session_value(self.token)):
+            return "cookie"
+        return None
+
+    async def __call__(self, request: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        from fastapi.responses import JSONResponse
+
+        def deny(status: int, message: str) -> Any:
+            return JSONResponse({"error": message}, status_code=status)
+
+        if self.loopback and not is_loopback(host_name(request.headers.get("host", ""))):
+            return deny(403, "this dashboard answers on loopback names only (localhost, 127.0.0.1)")
+        if request.method not in SAFE_METHODS:
+            length = request.headers.get("content-length")
+            if length is None and request.headers.get("transfer-encoding"):
+                return deny(411, "send a Content-Length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                return deny(413, f"request body over {self.max_body} bytes")
+        path = request.url.path
+        how = self.authenticated(request)
+        if path.startswith("/api/") and path not in PUBLIC_API and how is None:
+            return deny(401, "log in first: send Authorization: Bearer TOKEN or POST /api/login")
+        if request.method not in SAFE_METHODS and how != "bearer":
+            origin = request.headers.get("origin")
+            if origin and origin.split("://", 1)[-1] != request.headers.get("host"):
+                return deny(403, f"cross-origin request from {origin} refused")
+            cookie = request.cookies.get(CSRF_COOKIE)
+            if not equal(request.headers.get(CSRF_HEADER), cookie):
+                return deny(
+                    403, "missing or wrong X-CSRF-Token header (it must equal the vlmtune_csrf cookie)"
+                )
+        response = await call_next(request)
+        if CSRF_COOKIE not in request.cookies:
+            response.set_cookie(CSRF_COOKIE, secrets.token_urlsafe(24), samesite="strict", path="/")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
+        )
+        return response
