@@ -17,11 +17,11 @@ import yaml
 from transformers import AutoProcessor, TrainerCallback
 
 from test_ui_support import FAMILY, Page, copy_run, serve, tiny_run, train_config
+from vlmtune import train as train_run
 from vlmtune.demo import write_split
 from vlmtune.errors import VlmtuneError
-from vlmtune.train import run as train_run
-from vlmtune.train import rundir
-from vlmtune.train.callbacks import RunStatus
+from vlmtune.training import rundir
+from vlmtune.training.callbacks import RunStatus
 from vlmtune.ui import UiSettings
 from vlmtune.ui.runs import downsample, read_from, series
 
@@ -60,7 +60,7 @@ def test_killed_trainer_releases_the_lock(runs_root):
     """A training process killed with SIGKILL cannot report anything: the kernel drops its flock."""
     folder = runs_root / "stopped"
     code = (
-        "import sys, time; from pathlib import Path; from vlmtune.train.callbacks import RunStatus\n"
+        "import sys, time; from pathlib import Path; from vlmtune.training.callbacks import RunStatus\n"
         "with RunStatus(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)

@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from test_ui_support import Page, serve
+from vlmtune.errors import VlmtuneError
 from vlmtune.ui import UiSettings, create_app
-from vlmtune.ui.security import UiSecurityError, resolve_under
+from vlmtune.ui.security import resolve_under
 
 TOKEN = "s3cret-token"
 
@@ -124,10 +125,12 @@ def test_loopback_names_only(runs_root):
 
 
 def test_bind_and_body_limits(runs_root):
-    with pytest.raises(UiSecurityError, match="--token"):
+    with pytest.raises(VlmtuneError, match=r"refusing to listen on 0\.0\.0\.0 without a key.*--token"):
         create_app(UiSettings(runs=[runs_root], host="0.0.0.0"))
     create_app(UiSettings(runs=[runs_root], host="0.0.0.0", token=TOKEN))  # allowed with a token
     with serve(UiSettings(runs=[runs_root], max_body_bytes=1000)) as url:
         page = Page(url)
         response = page.post("/api/generate", {"prompt": "x" * 5000})
         assert response.status_code == 413
+        chunked = page.post("/api/generate", content=iter([b"x" * 600, b"x" * 600]))  # no Content-Length
+        assert chunked.status_code == 413

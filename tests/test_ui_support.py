@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 
 from vlmtune import families
+from vlmtune import train as train_run
 from vlmtune.demo import write_split
-from vlmtune.train import run as train_run
 from vlmtune.ui import UiSettings, create_app
 
 FAMILY = "qwen2_vl"

@@ -165,7 +165,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
-# -- run state (read by `vlmtune ui`; written by train.callbacks.RunStatus) -------------------------------
+# -- run state (read by `vlmtune ui`; written by training.callbacks.RunStatus) -------------------------------
 
 
 def write_status(run_dir: Path, status: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VlmtuneError
-from ..train import rundir
+from ..training import rundir
 from .runs import Run, read_config
 
 DATA_URL_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/webp;base64,")

@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import VlmtuneError
 from ..infer.types import BASE
+from ..serve.errors import BodyLimit
 from . import adapters as adapters_mod
 from . import runs as runs_mod
 from . import security
@@ -58,7 +59,9 @@ def create_app(settings: UiSettings, engine: Any = None) -> Any:
     """The dashboard app over `settings`; `engine` (a loaded `vlmtune.infer.Engine`) enables the gallery."""
     settings.check()
     app = FastAPI(title="vlmtune ui", docs_url=None, redoc_url=None, openapi_url=None)
-    guard = security.Guard(settings.token, settings.host, settings.max_body_bytes)
+    # The body cap sits inside the guard: it then sees its own BodyTooLarge, not the guard's task group's.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    guard = security.Guard(settings.token, settings.host)
     app.middleware("http")(guard)
     jobs = MergeJobs(settings.merge_dir)
     app.state.settings, app.state.engine, app.state.jobs = settings, engine, jobs

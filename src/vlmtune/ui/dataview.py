@@ -24,7 +24,7 @@ _lock = threading.Lock()
 def run_processor(cfg: Any) -> Any:
     """The processor the run trained with (the base's, with the run's image limits), cached per process."""
     from .. import checkpoint, families
-    from ..train.recipe import image_limits, load_processor
+    from ..training.recipe import image_limits, load_processor
 
     folder = checkpoint.resolve(cfg.model)
     family = families.detect(checkpoint.read_config(folder))
@@ -76,7 +76,7 @@ def spans(
 def render_rows(run: Run, split: str = "train", start: int = 0, count: int = 4) -> dict[str, Any]:
     from ..data.collate import Collator, Item
     from ..data.formats import parse_row, read_rows, to_messages
-    from ..train.recipe import resolve_config
+    from ..training.recipe import resolve_config
 
     cfg = resolve_config(run.path / "config.yaml")
     path = data_file(run, cfg, split)

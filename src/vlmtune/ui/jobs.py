@@ -72,7 +72,7 @@ class MergeJobs:
         return job
 
     def _run(self, job: Job) -> None:
-        from ..merge import merge
+        from ..merging import merge
 
         def progress(shard: str) -> None:
             job.shards_written.append(shard)

@@ -1,5 +1,5 @@
 """Run dirs as the dashboard shows them: found under the `--runs` folders and read from their files on every
-request (the run dir layout and its states live in `vlmtune.train.rundir`), so a run started from the
+request (the run dir layout and its states live in `vlmtune.training.rundir`), so a run started from the
 command line appears, and nothing is lost when the browser or the dashboard goes away."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..train import rundir
+from ..training import rundir
 
 # metrics.jsonl keys that are not curves.
 NOT_SERIES = ("step", "epoch", "tokens")

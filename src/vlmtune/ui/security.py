@@ -1,6 +1,8 @@
 """Who may use the dashboard, and which files it may touch.
 
-- Bind: loopback by default; any other host needs a token (refused at start-up otherwise).
+- Bind: loopback by default; any other host needs a token (refused at start-up otherwise): the one bind
+  rule of vlmtune's servers (`serve.settings.check_bind`), as the bearer comparison is theirs
+  (`serve.auth`) and so is the body cap (`serve.errors.BodyLimit`, which counts streamed bytes too).
 - Auth: with a token, every `/api` route needs `Authorization: Bearer TOKEN` or the session cookie that
   `POST /api/login` sets (HttpOnly, SameSite=Strict); 401 otherwise. The page and its static files are
   public (they hold no data).
@@ -13,49 +15,35 @@
   cannot reach the dashboard under its own name.
 - Files: only under the folders named on the command line (`resolve_under`); `..`, absolute paths and
   symlinks that lead out are 403.
-- Bodies: capped (413), and POST needs a Content-Length (411).
+- Bodies: capped (413).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import VlmtuneError
+from ..serve.auth import bearer_token, token_matches
+from ..serve.settings import check_bind as serve_check_bind
+from ..serve.settings import is_loopback
 
 SESSION_COOKIE = "vlmtune_session"
 CSRF_COOKIE = "vlmtune_csrf"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PUBLIC_API = ("/api/session", "/api/login")
 
 
-class UiSecurityError(VlmtuneError):
-    """A start-up setting that would expose the dashboard."""
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+TOKEN_FLAG = "--token (or VLMTUNE_UI_TOKEN)"
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token."""
-    if not is_loopback(host) and not token:
-        raise UiSecurityError(
-            f"--host {host} makes the dashboard reachable from other machines; give --token TOKEN (or set "
-            "VLMTUNE_UI_TOKEN) so that only you can use it, or bind 127.0.0.1."
-        )
+    """Refuse to listen beyond this machine without a token (the dashboard has no --insecure)."""
+    serve_check_bind(host, token, False, key_flag=TOKEN_FLAG)
 
 
 def session_value(token: str) -> str:
@@ -63,14 +51,8 @@ def session_value(token: str) -> str:
     return hmac.new(token.encode(), b"vlmtune-ui-session", hashlib.sha256).hexdigest()
 
 
-def bearer(headers: Any) -> str | None:
-    value = headers.get("authorization", "")
-    scheme, _, credential = value.partition(" ")
-    return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
-
-
-def equal(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+def equal(given: str | None, expected: str | None) -> bool:
+    return expected is not None and token_matches(given, expected)
 
 
 def host_name(host_header: str) -> str:
@@ -94,24 +76,18 @@ def resolve_under(roots: Sequence[Path], relative: str, root: Path | None = None
     raise PermissionError(f"{relative!r} leads outside the dashboard's folders")
 
 
-def inside(roots: Sequence[Path], path: Path) -> bool:
-    resolved = path.resolve()
-    return any(resolved == r.resolve() or resolved.is_relative_to(r.resolve()) for r in roots)
-
-
 class Guard:
-    """The checks above as one HTTP middleware (`app.middleware("http")(Guard(...))`)."""
+    """The checks above (but the body cap) as one HTTP middleware (`app.middleware("http")(Guard(...))`)."""
 
-    def __init__(self, token: str | None, host: str, max_body: int) -> None:
+    def __init__(self, token: str | None, host: str) -> None:
         self.token = token
         self.loopback = is_loopback(host)
-        self.max_body = max_body
 
     def authenticated(self, request: Any) -> str | None:
         """'bearer' | 'cookie' | 'open' (no token configured) | None."""
         if not self.token:
             return "open"
-        if equal(bearer(request.headers), self.token):
+        if equal(bearer_token(request.scope.get("headers", [])), self.token):
             return "bearer"
         if equal(request.cookies.get(SESSION_COOKIE), session_value(self.token)):
             return "cookie"
@@ -125,12 +101,6 @@ class Guard:
 
         if self.loopback and not is_loopback(host_name(request.headers.get("host", ""))):
             return deny(403, "this dashboard answers on loopback names only (localhost, 127.0.0.1)")
-        if request.method not in SAFE_METHODS:
-            length = request.headers.get("content-length")
-            if length is None and request.headers.get("transfer-encoding"):
-                return deny(411, "send a Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                return deny(413, f"request body over {self.max_body} bytes")
         path = request.url.path
         how = self.authenticated(request)
         if path.startswith("/api/") and path not in PUBLIC_API and how is None:

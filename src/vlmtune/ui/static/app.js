@@ -39,7 +39,8 @@ async function api(path, options = {}) {
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({}));
   if (response.status === 401 && path !== "/api/login") { showLogin(); throw new ApiError("log in first"); }
-  if (!response.ok) throw new ApiError(data.error || `${response.status} ${response.statusText}`);
+  const message = data.error && typeof data.error === "object" ? data.error.message : data.error;
+  if (!response.ok) throw new ApiError(message || `${response.status} ${response.statusText}`);
   return data;
 }
 
