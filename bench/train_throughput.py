@@ -1,19 +1,24 @@
-"""Training throughput: `vlmtune train` vs. a plain transformers.Trainer + PEFT script, in one run.
+"""Training throughput ladder, in one run: a plain transformers.Trainer + PEFT script (the anchor), then
+`vlmtune train` padded, padded with `group_by_length`, and packed (padding-free).
 
-Both train the same model (a `small` random Qwen2-VL written by `vlmtune tiny`), on the same data (the demo's
-coloured-shapes rows), with the same settings: LoRA r=16 on the language model + the projector trained fully,
-batch 8, lr 1e-3, fp32, the same number of steps, one checkpoint at the end, the same torch thread count.
-Each training runs in its own subprocess, alternating the order, `--repeats` times.
+All train the same model (a `small` random Qwen2-VL written by `vlmtune tiny`) on the same data with the
+same settings: LoRA r=16 on the language model + the projector trained fully, batch 8 rows, lr 1e-3, fp32,
+the same number of steps, one checkpoint at the end, the same torch thread count. Data (`--data`):
+`varied` (default): answers from one word to ~200 tokens, one or two images per row, the mix that makes
+padded batches mostly padding; `shapes`: the demo's rows (one image, one-word answers). Each training runs
+in its own subprocess, in a rotating order, `--repeats` times.
 
 Reported per variant (median over repeats):
 - tokens/s: non-padding input tokens / seconds inside `Trainer.train()` (the Trainer's own `train_runtime`
   and `num_input_tokens_seen`, measured the same way for both),
 - end-to-end seconds of the whole process (imports, data checks, model load, training, saving),
 - peak RSS of the training process (exact, getrusage) and peak PSS of its process tree (sampled every
-  0.2 s from /proc; includes DataLoader workers, counts pages they share with the parent once).
-The ratio is vlmtune / plain tokens/s; it must be >= 1.0.
+  0.2 s from /proc; includes DataLoader workers, counts pages they share with the parent once),
+- the final loss (mean of the last quarter of the logged step losses) and vlmtune's padding ratio.
+Ratios are tokens/s against the plain script and against vlmtune padded; the script fails when vlmtune
+padded is slower than the plain script.
 
-    python bench/train_throughput.py --work /tmp/bench-train [--steps 40] [--repeats 3] [--json out.json]
+    python bench/train_throughput.py --work /tmp/bench-train [--data varied] [--steps 40] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -40,23 +46,79 @@ SETTINGS = {"r": 16, "alpha": 32, "dropout": 0.05, "lr": 1e-3, "batch_size": 8, 
 QWEN2_VL_VOCAB = 151936
 
 
-def prepare(work: Path, size: str, vocab: str, rows: int) -> tuple[Path, Path]:
+VARIANTS = ("plain", "padded", "grouped", "packed")
+VLMTUNE_BATCHING = {
+    "padded": {"packing": "off"},
+    "grouped": {"packing": "off", "group_by_length": True},
+    "packed": {"packing": "on"},
+}
+WORDS = (
+    "the a one two small large red green blue yellow purple orange circle square triangle cross shape "
+    "image picture left right top bottom corner centre near far above below next to with and of is on in "
+    "bright dark light background edge middle side colour filled outlined thin wide round sharp"
+).split()
+
+
+def prepare(work: Path, size: str, vocab: str, rows: int, data_kind: str) -> tuple[Path, Path]:
     from vlmtune import tiny
     from vlmtune.demo import write_split
 
-    model, data = work / f"model-{size}-{vocab}", work / "data" / "train.jsonl"
+    model, folder = work / f"model-{size}-{vocab}", work / f"data-{data_kind}"
     if not model.exists():
         overrides = {"vocab_size": QWEN2_VL_VOCAB} if vocab == "qwen2_vl" else None
         tiny.write("qwen2_vl", model, size=size, seed=0, overrides=overrides)
+    data = folder / "train.jsonl"
     if not data.exists():
-        write_split(work / "data", "train", rows, seed=0)
+        if data_kind == "shapes":
+            write_split(folder, "train", rows, seed=0)
+        else:
+            write_varied(folder, rows, seed=0)
     return model, data
+
+
+def write_varied(folder: Path, rows: int, seed: int) -> Path:
+    """Rows with one or two images (1/3 have two) and answers of 1 to ~120 words (~1 to ~200 tokens of the
+    tiny tokenizer), lengths spread log-uniformly so short and long rows share batches."""
+    from vlmtune.demo import COLOURS, SHAPES, draw
+
+    rng = random.Random(seed)
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        images = []
+        for k in range(2 if rng.random() < 1 / 3 else 1):
+            draw(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng).save(image_dir / f"{i}-{k}.png")
+            images.append(f"images/{i}-{k}.png")
+        words = max(1, round(120 ** rng.random()))
+        answer = " ".join(rng.choice(WORDS) for _ in range(words))
+        question = "Describe the pictures." if len(images) == 2 else "Describe the picture."
+        lines.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "<image>" * len(images) + question},
+                    {"role": "assistant", "content": answer},
+                ],
+                "images": images,
+            }
+        )
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def final_loss(losses: list[float]) -> float | None:
+    """Mean of the last quarter of the logged step losses (one step's loss is noisy on varied data)."""
+    if not losses:
+        return None
+    tail = losses[-max(1, len(losses) // 4) :]
+    return sum(tail) / len(tail)
 
 
 # -- the two variants (each runs in a child process) --------------------------------------------------------
 
 
-def child_vlmtune(model: Path, data: Path, out: Path, steps: int) -> dict:
+def child_vlmtune(model: Path, data: Path, out: Path, steps: int, variant: str) -> dict:
     import vlmtune
 
     run_dir = vlmtune.train(
@@ -70,16 +132,24 @@ def child_vlmtune(model: Path, data: Path, out: Path, steps: int) -> dict:
             "batch_size": SETTINGS["batch_size"],
             "max_steps": steps,
             "save_steps": steps,
-            "logging_steps": 10,
+            "logging_steps": 1,
             "precision": "fp32",
             "seed": SETTINGS["seed"],
             "resume": False,
+            **VLMTUNE_BATCHING[variant],
         }
     )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = next(r for r in rows if "train_runtime" in r)
-    tokens = max(r["tokens"] for r in rows if "tokens" in r)
-    return {"tokens": tokens, "train_runtime": summary["train_runtime"]}
+    steps_logged = [r for r in rows if "loss" in r]
+    tokens = max(r["tokens"] for r in steps_logged)
+    padding = [r["padding_ratio"] for r in steps_logged if "padding_ratio" in r]
+    return {
+        "tokens": tokens,
+        "train_runtime": summary["train_runtime"],
+        "final_loss": final_loss([r["loss"] for r in steps_logged]),
+        "padding_ratio": sum(padding) / len(padding) if padding else None,
+    }
 
 
 def child_plain(model: Path, data: Path, out: Path, steps: int) -> dict:
@@ -110,11 +180,12 @@ def child_plain(model: Path, data: Path, out: Path, steps: int) -> dict:
         conversations, images = [], []
         for row in rows:
             user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+            parts = [{"type": "image"} for _ in row["images"]]
             conversations.append(
                 [
                     {
                         "role": "user",
-                        "content": [{"type": "image"}, {"type": "text", "text": user.replace("<image>", "")}],
+                        "content": [*parts, {"type": "text", "text": user.replace("<image>", "")}],
                     },
                     {"role": "assistant", "content": [{"type": "text", "text": answer}]},
                 ]
@@ -139,7 +210,7 @@ def child_plain(model: Path, data: Path, out: Path, steps: int) -> dict:
         max_steps=steps,
         lr_scheduler_type="cosine",
         save_steps=steps,
-        logging_steps=10,
+        logging_steps=1,
         seed=SETTINGS["seed"],
         use_cpu=not torch.cuda.is_available(),
         remove_unused_columns=False,
@@ -148,7 +219,13 @@ def child_plain(model: Path, data: Path, out: Path, steps: int) -> dict:
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, data_collator=collate)
     result = trainer.train()
-    return {"tokens": trainer.state.num_input_tokens_seen, "train_runtime": result.metrics["train_runtime"]}
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {
+        "tokens": trainer.state.num_input_tokens_seen,
+        "train_runtime": result.metrics["train_runtime"],
+        "final_loss": final_loss(losses),
+        "padding_ratio": None,
+    }
 
 
 def child(variant: str, model: Path, data: Path, out: Path, steps: int, threads: int) -> None:
@@ -156,8 +233,10 @@ def child(variant: str, model: Path, data: Path, out: Path, steps: int, threads:
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    fn = child_vlmtune if variant == "vlmtune" else child_plain
-    result = fn(model, data, out, steps)
+    if variant == "plain":
+        result = child_plain(model, data, out, steps)
+    else:
+        result = child_vlmtune(model, data, out, steps, variant)
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
@@ -223,12 +302,14 @@ def main() -> None:
         choices=("qwen2_vl", "tokenizer"),
         help="vocabulary rows of the model: Qwen2-VL's 151,936 (default) or the tiny tokenizer's 1,024",
     )
+    parser.add_argument("--data-kind", dest="data_kind", default="varied", choices=("varied", "shapes"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the ladder")
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each child")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--child", choices=("vlmtune", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -237,63 +318,83 @@ def main() -> None:
         child(args.child, args.model, args.data, args.out, args.steps, args.threads)
         return
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     args.work.mkdir(parents=True, exist_ok=True)
-    model, data = prepare(args.work, args.size, args.vocab, args.rows)
-    results: dict[str, list[dict]] = {"vlmtune": [], "plain": []}
+    model, data = prepare(args.work, args.size, args.vocab, args.rows, args.data_kind)
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for repeat in range(args.repeats):
-        order = ("vlmtune", "plain") if repeat % 2 == 0 else ("plain", "vlmtune")
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for variant in order:
             result = run_child(variant, model, data, args.work / f"out-{variant}", args.steps, args.threads)
             results[variant].append(result)
+            padding = result["padding_ratio"]
             print(
                 f"repeat {repeat} {variant:8s} {result['tokens_per_second']:9.1f} tokens/s  "
                 f"train {result['train_runtime']:6.1f} s  process {result['process_seconds']:6.1f} s  "
+                f"final loss {result['final_loss']:.4f}  padding {'-' if padding is None else f'{padding:.3f}'}  "
                 f"peak RSS {result['peak_rss_mb']:7.1f} MB  tree PSS {result['tree_peak_pss_mb']:7.1f} MB",
                 flush=True,
             )
 
-    def median(variant: str, key: str) -> float:
-        return statistics.median(r[key] for r in results[variant])
+    def median(variant: str, key: str) -> float | None:
+        values = [r[key] for r in results[variant] if r.get(key) is not None]
+        return statistics.median(values) if values else None
 
+    keys = ("tokens_per_second", "train_runtime", "process_seconds", "peak_rss_mb", "tree_peak_pss_mb")
     summary = {
-        variant: {
-            key: round(median(variant, key), 1)
-            for key in (
-                "tokens_per_second",
-                "train_runtime",
-                "process_seconds",
-                "peak_rss_mb",
-                "tree_peak_pss_mb",
-            )
+        v: {
+            **{k: round(median(v, k), 1) for k in keys},
+            "final_loss": round(median(v, "final_loss"), 4),
+            "padding_ratio": None
+            if median(v, "padding_ratio") is None
+            else round(median(v, "padding_ratio"), 3),
         }
-        for variant in results
+        for v in variants
     }
-    ratio = median("vlmtune", "tokens_per_second") / median("plain", "tokens_per_second")
+
+    def ratio(a: str, b: str) -> float | None:
+        if a not in summary or b not in summary:
+            return None
+        return round(median(a, "tokens_per_second") / median(b, "tokens_per_second"), 3)
+
+    ratios = {
+        f"{a}/{b}": ratio(a, b)
+        for a, b in (("padded", "plain"), ("grouped", "plain"), ("packed", "plain"), ("packed", "padded"))
+        if ratio(a, b) is not None
+    }
     report = {
         "model": f"qwen2_vl {args.size}, vocab {args.vocab}",
+        "data": f"{args.data_kind}, {args.rows} rows",
         "steps": args.steps,
         "repeats": args.repeats,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "settings": SETTINGS,
         "median": summary,
-        "ratio_tokens_per_second": round(ratio, 3),
+        "ratios_tokens_per_second": ratios,
         "runs": results,
     }
     print(
-        "\n| variant | tokens/s | train s | process s | peak RSS MB | peak PSS, process tree MB |\n"
-        + "|---|---|---|---|---|---|\n"
+        "\n| variant | real tokens/s | train s | process s | final loss | padding ratio | peak RSS MB | "
+        "peak PSS, process tree MB |\n"
+        + "|---|---|---|---|---|---|---|---|\n"
         + "\n".join(
-            f"| {v} | {s['tokens_per_second']} | {s['train_runtime']} | {s['process_seconds']} | {s['peak_rss_mb']} "
-            f"| {s['tree_peak_pss_mb']} |"
+            f"| {v} | {s['tokens_per_second']} | {s['train_runtime']} | {s['process_seconds']} | {s['final_loss']} "
+            f"| {'-' if s['padding_ratio'] is None else s['padding_ratio']} | {s['peak_rss_mb']} | {s['tree_peak_pss_mb']} |"
             for v, s in summary.items()
         )
-        + f"\n\nratio vlmtune / plain tokens/s: {ratio:.3f}"
+        + "\n\n"
+        + "\n".join(f"ratio {k} tokens/s: {r:.3f}" for k, r in ratios.items())
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if ratio < 1.0:
-        raise SystemExit(f"vlmtune is slower than the plain script (ratio {ratio:.3f} < 1.0)")
+    if ratios.get("padded/plain", 1.0) < 1.0:
+        raise SystemExit(
+            f"vlmtune padded is slower than the plain script (ratio {ratios['padded/plain']:.3f})"
+        )
 
 
 if __name__ == "__main__":
