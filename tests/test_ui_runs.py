@@ -209,9 +209,7 @@ def test_data_view_is_what_the_collator_makes(finished, tmp_path, runs_root):
         view = Page(url).get("/api/run/data", params={"id": "runs/done", "count": 2}).json()
     config = yaml.safe_load((finished / "config.yaml").read_text())
     rows = [json.loads(line) for line in Path(config["data"]["train"]).read_text().splitlines()]
-    processor = AutoProcessor.from_pretrained(
-        config["model"], min_pixels=config["min_pixels"], max_pixels=config["max_pixels"]
-    )
+    processor = AutoProcessor.from_pretrained(config["model"], **config["image_limits"])
     from PIL import Image
 
     for shown, row in zip(view["rows"], rows[:2], strict=True):

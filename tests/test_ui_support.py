@@ -79,8 +79,7 @@ def train_config(base: Path, data: Path, out: Path, steps: int = 6, **extra: Any
         "save_steps": 3,
         "logging_steps": 1,
         "precision": "fp32",
-        "min_pixels": 28 * 28 * 4 if limits else None,
-        "max_pixels": 56 * 56 if limits else None,
+        "image_limits": {"min_pixels": 28 * 28 * 4, "max_pixels": 56 * 56} if limits else {},
         **extra,
     }
 
