@@ -49,7 +49,9 @@ ROWS = [
         ]
     },
 ]
-PACKABLE = [name for name in ("qwen2_vl", "qwen2_5_vl", "llava") if families.get(name).packed_positions]
+# Every registered family that declares a packed path is held to these tests; every other one must refuse.
+PACKABLE = [name for name, family in families.FAMILIES.items() if family.packed_positions]
+UNPACKABLE = [name for name, family in families.FAMILIES.items() if not family.packed_positions]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,8 @@ def test_packed_losses_and_lora_gradients_equal_one_sample_at_a_time(tiny_model,
         torch.testing.assert_close(grads[key], want, rtol=0, atol=1e-5, msg=key)
 
     # The padded batch of the same rows (vlmtune's padded path) has the same loss.
+    if not family.mixed_image_batches:
+        return
     with torch.no_grad():
         padded = single(items)
         torch.testing.assert_close(
@@ -205,15 +209,25 @@ def test_positions_restart_per_sample_with_the_text_row_first(tiny_model, data):
         start += n
 
 
-def test_family_without_an_exact_path_refuses_on_and_auto_pads(tiny_model):
-    config = AutoModelForImageTextToText.from_pretrained(tiny_model("mllama")).config
-    mllama = families.get("mllama")
-    with pytest.raises(
-        PackingError, match=r"packing: on, but mllama has no exact packed path \(.*cross-attention"
-    ):
-        choose("on", mllama, config)
-    choice = choose("auto", mllama, config)
+def test_the_core_families_declare_what_was_verified():
+    assert {"qwen2_vl", "qwen2_5_vl", "llava"} <= set(PACKABLE) and "mllama" in UNPACKABLE
+
+
+@pytest.mark.parametrize("name", UNPACKABLE)
+def test_family_without_an_exact_path_refuses_on_and_auto_pads(name):
+    family = families.get(name)
+    with pytest.raises(PackingError, match=rf"packing: on, but {name} has no exact packed path \(.+\)"):
+        choose("on", family, None)
+    choice = choose("auto", family, None)
     assert not choice.packed and "falls back to padded batches" in choice.message
+    with pytest.raises(PackingError, match="no exact packed path"):
+        positions_for(family, None)
+
+
+def test_mllama_says_why(tiny_model):
+    config = AutoModelForImageTextToText.from_pretrained(tiny_model("mllama")).config
+    with pytest.raises(PackingError, match=r"mllama has no exact packed path \(.*cross-attention"):
+        choose("on", families.get("mllama"), config)
     assert not choose("off", families.get("qwen2_vl"), config).packed
 
 
