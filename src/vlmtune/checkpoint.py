@@ -1,4 +1,4 @@
-"""Reading model folders without loading a model: config, weight files, safetensors headers, fingerprint.
+"""Reading model folders without loading a model: config, weight files, the tensor index, fingerprint.
 
 Nothing here imports torch or transformers, so `inspect` and the merge stay light.
 """
@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import VlmtuneError
+from .io import DamagedFileError, TensorRecord, check_loader_files, read_file, read_header, read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -23,30 +22,7 @@ VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch
 
 
 class CheckpointError(VlmtuneError, ValueError):
-    """A model folder is missing something a loader needs, or holds something we cannot read."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, dtype string (safetensors spelling), shape, byte range in the file."""
-
-    name: str
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in `file`
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+    """A model folder lacks something a loader needs (a damaged file is an `io.DamagedFileError`)."""
 
 
 def resolve(model: str | Path, allow_patterns: list[str] | None = None) -> Path:
@@ -71,23 +47,14 @@ def resolve(model: str | Path, allow_patterns: list[str] | None = None) -> Path:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """A model folder's config.json, after checking that every loader config beside it parses (so a
+    damaged processor or tokenizer config stops a verb here, not in a loader's traceback)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; is it a model folder?")
-    return json.loads(path.read_text())
-
-
-def read_header(file: str | Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its data starts."""
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{file} is not a safetensors file (too short).")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100 * 1024 * 1024:
-            raise CheckpointError(f"{file} is not a safetensors file (header of {size} bytes).")
-        header = json.loads(f.read(size))
-    return header, 8 + size
+    config = read_json(path, fix="restore the model's config.json (download or copy the folder again)")
+    check_loader_files(folder)
+    return config
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -95,8 +62,17 @@ def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        files = [folder / n for n in names]
+        weight_map = read_json(index, fix="restore the index (download or copy the folder again)").get(
+            "weight_map"
+        )
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v == Path(v).name and v not in ("", ".", "..") for v in weight_map.values()
+        ):
+            raise DamagedFileError(
+                f"{index}: weight_map must map tensor names to shard file names in the same folder; "
+                "restore the index (download or copy the folder again)."
+            )
+        files = [folder / n for n in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{folder}: {SAFETENSORS_INDEX} lists missing shard(s) {missing}.")
@@ -111,20 +87,15 @@ def weight_files(folder: str | Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no model.safetensors or {SAFETENSORS_INDEX}.")
 
 
-def tensor_index(folder: str | Path) -> dict[str, TensorInfo]:
-    """Every tensor of a model folder by on-disk name, in file order then offset order."""
-    out: dict[str, TensorInfo] = {}
+def tensor_index(folder: str | Path) -> dict[str, TensorRecord]:
+    """Every tensor of a model folder by on-disk name, in file order then offset order; every header is
+    validated (`io.safetensors`), so a damaged shard fails here, before anything is loaded or written."""
+    out: dict[str, TensorRecord] = {}
     for file in weight_files(folder):
-        header, data_start = read_header(file)
-        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
-        entries.sort(key=lambda kv: kv[1]["data_offsets"][0])
-        for name, meta in entries:
+        for name, record in read_file(file).items():
             if name in out:
                 raise CheckpointError(f"{name} appears in both {out[name].file.name} and {file.name}.")
-            begin, end = meta["data_offsets"]
-            out[name] = TensorInfo(
-                name, file, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end
-            )
+            out[name] = record
     return out
 
 
@@ -135,10 +106,13 @@ def fingerprint(folder: str | Path) -> str:
     h = hashlib.sha256()
     config = {k: v for k, v in read_config(folder).items() if k not in VOLATILE_CONFIG_KEYS}
     h.update(json.dumps(config, sort_keys=True).encode())
+    by_file: dict[Path, list[TensorRecord]] = {}
+    for record in tensor_index(folder).values():
+        by_file.setdefault(record.file, []).append(record)
     for file in weight_files(folder):
-        header, data_start = read_header(file)
-        header.pop("__metadata__", None)
-        h.update(json.dumps({k: [v["dtype"], v["shape"]] for k, v in sorted(header.items())}).encode())
+        records = sorted(by_file.get(file, []), key=lambda r: r.name)
+        h.update(json.dumps({r.name: [r.dtype, list(r.shape)] for r in records}).encode())
+        _, data_start = read_header(file)
         size = file.stat().st_size
         with open(file, "rb") as f:
             for offset in (

@@ -12,7 +12,6 @@ from typing import Any
 
 from .layout import AdapterKeyError
 from .reader import Adapter
-from .tensors import to_torch
 
 
 def lora_config(adapter: Adapter) -> tuple[Any, list[str]]:
@@ -33,7 +32,7 @@ def load_weights(peft_model: Any, adapter: Adapter, adapter_name: str) -> None:
     LoRA / modules_to_save key of that adapter left missing (PEFT itself would only warn)."""
     from peft import set_peft_model_state_dict
 
-    state = {key: to_torch(t) for key, t in adapter.peft_state_dict().items()}
+    state = {key: t.torch() for key, t in adapter.peft_state_dict().items()}
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     mine = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
     missing = [k for k in result.missing_keys if mine.search(k)]

@@ -10,7 +10,6 @@ No torch import unless a pickled file must be read.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -22,9 +21,9 @@ from typing import Any
 from .. import families
 from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
+from ..io import TensorRecord, check_loader_files, read_json, read_tensors
 from .layout import AdapterKeyError, Placement, place
 from .manifest import Manifest, read_manifest
-from .tensors import LazyTensor, read_tensor_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -63,13 +62,13 @@ class LoraModule:
 
     module: str  # runtime module path
     kind: str  # 'linear' | 'embedding' | 'conv'
-    A: LazyTensor
-    B: LazyTensor
+    A: TensorRecord
+    B: TensorRecord
     r: int
     alpha: float
     scaling: float
-    bias: LazyTensor | None = None
-    magnitude: LazyTensor | None = None
+    bias: TensorRecord | None = None
+    magnitude: TensorRecord | None = None
     fan_in_fan_out: bool = False
 
 
@@ -79,7 +78,7 @@ class Adapter:
     format: str  # 'peft' or a foreign format's name (e.g. 'llava')
     config: dict[str, Any]  # adapter_config.json as written
     lora: dict[str, LoraModule]  # runtime module path -> LoRA
-    full: dict[str, LazyTensor]  # runtime parameter name -> tensor that replaces it
+    full: dict[str, TensorRecord]  # runtime parameter name -> tensor that replaces it
     layouts: set[
         str
     ]  # key layouts seen: 'runtime', 'original', or a foreign format's (e.g. 'llava_original')
@@ -120,9 +119,9 @@ class Adapter:
             "exclude_modules": None,
         }
 
-    def peft_state_dict(self) -> dict[str, LazyTensor]:
+    def peft_state_dict(self) -> dict[str, TensorRecord]:
         """Tensors under the keys PEFT saves (runtime names, adapter name removed)."""
-        out: dict[str, LazyTensor] = {}
+        out: dict[str, TensorRecord] = {}
         for m in self.lora.values():
             base = f"base_model.model.{m.module}"
             if m.kind == "embedding":
@@ -161,7 +160,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterFormatError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
-    config = json.loads(path.read_text())
+    config = read_json(path, fix="restore the adapter_config.json saved with the weights")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterFormatError(
@@ -192,7 +191,7 @@ class AdapterFiles:
     config: dict[str, Any]  # adapter_config.json
     manifest: Manifest | None
     files: list[Path]  # the tensor files read
-    tensors: dict[str, LazyTensor]  # every tensor by its key in the files
+    tensors: dict[str, TensorRecord]  # every tensor by its key in the files
     foreign_config: dict[str, Any]  # a foreign tool's config.json beside the adapter ({} otherwise)
     # The foreign format the folder is written in and the family that declares it (None: PEFT standard).
     foreign: ForeignFormat | None = None
@@ -207,11 +206,13 @@ def read_files(path: str | Path) -> AdapterFiles:
     if not folder.is_dir():
         raise AdapterFormatError(f"adapter folder {folder} does not exist.")
     config = read_config(folder)
+    # its processor/tokenizer configs are loaded later by predict and copied by merge: parse them now
+    check_loader_files(folder)
     weights = find_weights(folder)
     files = [weights]
-    tensors = dict(read_tensor_file(weights))
+    tensors = dict(read_tensors(weights))
     foreign_path = folder / "config.json"
-    foreign_config = json.loads(foreign_path.read_text()) if foreign_path.is_file() else {}
+    foreign_config = read_json(foreign_path) if foreign_path.is_file() else {}
     found = families.foreign_format(folder, foreign_config)
     owner, fmt = found if found else (None, None)
     for name in fmt.extra_files if fmt else ():
@@ -219,7 +220,7 @@ def read_files(path: str | Path) -> AdapterFiles:
         if not extra.is_file():
             continue
         files.append(extra)
-        for key, t in read_tensor_file(extra).items():
+        for key, t in read_tensors(extra).items():
             if key in tensors:
                 raise AdapterFormatError(f"{folder}: {key} is in both {weights.name} and {name}.")
             tensors[key] = t
@@ -275,7 +276,7 @@ def read_adapter(
 def build_modules(
     adapter: Adapter,
     placements: list[Placement],
-    tensors: Mapping[str, LazyTensor],
+    tensors: Mapping[str, TensorRecord],
     base_params: Mapping[str, tuple[int, ...]],
 ) -> None:
     config = adapter.config
@@ -283,7 +284,7 @@ def build_modules(
         adapter.manifest.base.name_or_path if adapter.manifest else config.get("base_model_name_or_path")
     )
     source = f"{adapter.path} (made for {made_for})" if made_for else str(adapter.path)
-    grouped: dict[str, dict[str, LazyTensor]] = {}
+    grouped: dict[str, dict[str, TensorRecord]] = {}
     written: dict[str, str] = {}
     for p in placements:
         t = tensors[p.key.source]
@@ -355,8 +356,8 @@ def check_shapes(
     written: str,
     module: str,
     kind: str,
-    A: LazyTensor,
-    B: LazyTensor,
+    A: TensorRecord,
+    B: TensorRecord,
     weight: tuple[int, ...],
     fan_in_fan_out: bool,
 ) -> None:

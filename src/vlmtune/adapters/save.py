@@ -6,13 +6,13 @@ so every checkpoint is usable on its own.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
 from ..errors import VlmtuneError
 from ..fsutil import atomic_dir
+from ..io import read_json
 from .manifest import MANIFEST, BaseInfo, Manifest, read_manifest
 from .targets import TargetPlan
 
@@ -85,7 +85,7 @@ def _has_chat_template(folder: Path) -> bool:
     if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
         return True
     config = folder / "tokenizer_config.json"
-    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+    return config.is_file() and bool(read_json(config).get("chat_template"))
 
 
 def check_base(adapter_dir: str | Path, base: BaseInfo) -> Manifest:

@@ -13,18 +13,8 @@ from typing import Any
 import torch
 
 from .. import checkpoint, families
-from ..errors import VlmtuneError
+from ..io import dtypes
 from . import quant
-
-DTYPES: dict[str, Any] = {
-    "auto": "auto",
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-}
 
 
 @dataclass(frozen=True)
@@ -41,10 +31,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> Any:
     """A torch dtype (or 'auto', the checkpoint's) from a name such as 'bf16'."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise VlmtuneError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.") from None
+    return dtypes.torch_dtype(dtype)
 
 
 def default_device() -> str:

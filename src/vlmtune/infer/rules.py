@@ -15,7 +15,6 @@ from ..adapters.inspect import declared_family
 from ..adapters.manifest import read_manifest
 from ..adapters.reader import Adapter, AdapterFormatError, read_adapter
 from ..adapters.reader import read_config as read_adapter_config
-from ..adapters.tensors import to_torch
 
 # Roles whose layers see one batch row per batch entry, so PEFT's per-row adapter routing is exact there.
 ROW_ROLES = ("language", "embeddings", "lm_head")
@@ -67,7 +66,7 @@ def drop_base_copies(adapter: Adapter, base_model: Any) -> None:
     dropped; a changed one (a retrained or resized embedding) would change the base under every
     adapter, which un-merged serving cannot do, so it fails with the way out."""
     for name in [n for n in adapter.full if n.rsplit(".", 1)[0] in adapter.lora]:
-        saved = to_torch(adapter.full[name]).float()
+        saved = adapter.full[name].torch().float()
         current = base_model.get_parameter(name).detach().float().cpu()
         if not torch.allclose(saved, current, rtol=1e-2, atol=1e-3):
             raise AdapterFormatError(

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from .. import checkpoint
-from ..checkpoint import TensorInfo
+from ..io import TensorRecord, dtypes
 from . import lora_math
 from .lora_math import Reference, Workspace
 from .plan import MergeError, OutTensor, Plan
-from .stream import Files, RowSource, pread_into
+from .stream import Files, RowSource
 
 SAMPLE_ROWS = 4
 BYTE_WINDOW = 4096
@@ -63,13 +63,12 @@ def expected_rows(
     t: OutTensor, rows: np.ndarray, files: Files, ws: Workspace
 ) -> tuple[np.ndarray, np.ndarray]:
     """float64 values (and term magnitudes) the rows should hold, from base rows and adapter factors."""
-    src = t.source
-    start = RowSource(files, src.file, src.start, src.dtype, src.shape)
+    start = RowSource(files, t.source)
     steps = t.steps
     for i, s in enumerate(t.steps):
         if s.kind == "replace":
             assert s.tensor is not None
-            start, steps = RowSource.of_lazy(files, s.tensor), t.steps[i + 1 :]
+            start, steps = RowSource(files, s.tensor), t.steps[i + 1 :]
     w = read_rows64(start, rows, ws)
     mag = np.abs(w)
     refs: list[Reference] = []
@@ -89,13 +88,13 @@ def expected_rows(
     return w, mag
 
 
-def compare(t: OutTensor, written: TensorInfo, files: Files, ws: Workspace) -> tuple[float, int]:
+def compare(t: OutTensor, written: TensorRecord, files: Files, ws: Workspace) -> tuple[float, int]:
     """Largest error / tolerance over the sampled rows of one changed tensor, and the rows checked."""
-    out_src = RowSource(files, written.file, written.start, written.dtype, written.shape)
+    out_src = RowSource(files, written)
     rows = sample_rows(t.name, out_src.rows)
     got = read_rows64(out_src, rows, ws)
     want, mag = expected_rows(t, rows, files, ws)
-    rounded = lora_math.round_to(want, t.dtype)
+    rounded = dtypes.round_trip(want, t.dtype)
     tol = lora_math.ulp(rounded, t.dtype) + FP32_SLACK * 2.0**-24 * mag
     finite = np.isfinite(rounded)
     if not np.array_equal(np.isfinite(got), finite):
@@ -111,16 +110,17 @@ def compare(t: OutTensor, written: TensorInfo, files: Files, ws: Workspace) -> t
     return worst, len(rows)
 
 
-def same_bytes(a: TensorInfo, b: TensorInfo, files: Files) -> bool:
+def same_bytes(a: TensorRecord, b: TensorRecord, files: Files) -> bool:
+    """Whether two tensors of one size agree on three byte windows (start, middle, end)."""
     n = a.nbytes
     for start in {0, max(0, n // 2 - BYTE_WINDOW // 2), max(0, n - BYTE_WINDOW)}:
         size = min(BYTE_WINDOW, n - start)
         if size <= 0:
             continue
-        x, y = bytearray(size), bytearray(size)
-        for info, buf in ((a, x), (b, y)):
-            pread_into(files.fd(info.file), np.frombuffer(buf, dtype=np.uint8), info.start + start)
-        if x != y:
+        x, y = np.empty(size, np.uint8), np.empty(size, np.uint8)
+        for rec, buf in ((a, x), (b, y)):
+            rec.as_bytes().read_into(buf, (start, start + size), files.fd(rec.file))
+        if not np.array_equal(x, y):
             return False
     return True
 

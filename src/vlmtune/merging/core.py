@@ -20,12 +20,11 @@ from typing import Any
 
 from .. import checkpoint
 from ..fsutil import atomic_dir, check_output
+from ..io import dtypes
 from . import check as check_mod
 from . import export, stream
 from .lora_math import single_threaded_blas
-from .plan import TORCH_NAMES, MergeError, Plan, build_plan, check_output_location
-
-PRECISION_ORDER = ("BF16", "F16", "F32", "F64")
+from .plan import MergeError, Plan, build_plan, check_output_location
 
 
 @dataclass
@@ -146,9 +145,9 @@ def merge(
         files = export.export_files(plan, tmp)
         verification = None
         if verify:
-            float_dtypes = [t.dtype for t in plan.tensors if t.dtype in PRECISION_ORDER and t.steps]
-            float_dtypes = float_dtypes or [t.dtype for t in plan.tensors if t.dtype in PRECISION_ORDER]
-            dtype_key = min(float_dtypes, key=PRECISION_ORDER.index) if float_dtypes else "F32"
+            float_dtypes = [t.dtype for t in plan.tensors if dtypes.is_float(t.dtype) and t.steps]
+            float_dtypes = float_dtypes or [t.dtype for t in plan.tensors if dtypes.is_float(t.dtype)]
+            dtype_key = min(float_dtypes, key=dtypes.FLOATS.index) if float_dtypes else "F32"
             from .verify import verify as run_verify
 
             verification = run_verify(base_dir, plan.adapters, tmp, dtype_key)
@@ -156,7 +155,7 @@ def merge(
                 raise MergeError(
                     f"--verify failed: the merged model's logits differ from base + adapter(s) un-merged by "
                     f"{verification['max_abs_logit_diff']:.3g} (tolerance {verification['tolerance']:.3g} for "
-                    f"{TORCH_NAMES.get(dtype_key, dtype_key)}); {out} was not written."
+                    f"{dtypes.torch_name(dtype_key)}); {out} was not written."
                 )
         warnings = merge_warnings(plan, fingerprint, files, verification)
         manifest = export.write_manifest(

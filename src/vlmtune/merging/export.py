@@ -11,19 +11,18 @@ load the un-merged weights in some tools.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import hashlib
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..adapters.manifest import library_versions
-from .plan import TORCH_NAMES, Plan
+from ..adapters.manifest import MANIFEST, MergedAdapter, MergedBase, MergedManifest
+from ..adapters.reader import Adapter
+from ..io import dtypes, read_json
+from .plan import Plan
 
-MANIFEST = "vlmtune.json"
-FORMAT = "vlmtune-merged/1"
 WEIGHT_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -66,7 +65,7 @@ def merged_config(plan: Plan) -> dict[str, Any]:
     false (transformers 5 re-ties when either level says true; peft #2777)."""
     config = copy.deepcopy(plan.config)
     if plan.out_dtype:
-        name = TORCH_NAMES[plan.out_dtype]
+        name = dtypes.torch_name(plan.out_dtype)
         config["dtype"] = name
         if "torch_dtype" in config:
             config["torch_dtype"] = name
@@ -124,9 +123,8 @@ def missing_files(folder: Path) -> list[str]:
     has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
     for name in ("tokenizer_config.json", "processor_config.json"):
         path = folder / name
-        if not has_template and path.is_file():
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
-                has_template = "chat_template" in json.loads(path.read_text())
+        if not has_template and path.is_file():  # parsed before (io.check_loader_files): no surprise here
+            has_template = "chat_template" in read_json(path)
     if not has_template:
         warnings.append("no chat template (chat_template.jinja / chat_template.json / tokenizer_config.json)")
     if not (folder / "generation_config.json").is_file():
@@ -134,9 +132,7 @@ def missing_files(folder: Path) -> list[str]:
     return warnings
 
 
-def adapter_record(adapter: Any) -> dict[str, Any]:
-    import hashlib
-
+def adapter_record(adapter: Adapter) -> MergedAdapter:
     h = hashlib.sha256()
     for f in adapter.files:
         with open(f, "rb") as fh:
@@ -147,17 +143,17 @@ def adapter_record(adapter: Any) -> dict[str, Any]:
         if adapter.manifest
         else adapter.config.get("base_model_name_or_path")
     )
-    return {
-        "path": str(adapter.path),
-        "format": adapter.format,
-        "key_layouts": sorted(adapter.layouts),
-        "sha256": h.hexdigest(),
-        "made_for": made_for,
-        "lora_modules": len(adapter.lora),
-        "full_tensors": len(adapter.full),
-        "use_dora": adapter.use_dora,
-        "use_rslora": bool(adapter.config.get("use_rslora")),
-    }
+    return MergedAdapter(
+        path=str(adapter.path),
+        format=adapter.format,
+        key_layouts=sorted(adapter.layouts),
+        sha256=h.hexdigest(),
+        made_for=made_for,
+        lora_modules=len(adapter.lora),
+        full_tensors=len(adapter.full),
+        use_dora=adapter.use_dora,
+        use_rslora=bool(adapter.config.get("use_rslora")),
+    )
 
 
 def write_manifest(
@@ -171,31 +167,26 @@ def write_manifest(
     warnings: list[str],
 ) -> dict[str, Any]:
     """`vlmtune.json` of a merged folder: what went in, how, and how it was checked."""
-    dtypes = sorted({t.dtype for t in plan.tensors})
-    manifest = {
-        "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base": {
-            "name_or_path": base_name,
-            "fingerprint": fingerprint,
-            "architecture": (plan.config.get("architectures") or [plan.family.architecture])[0],
-            "model_type": plan.config.get("model_type"),
-            "family": plan.family.name,
-            "key_layout": plan.layout,
-        },
-        "adapters": [adapter_record(a) for a in plan.adapters],
-        "adapter_order": "each adapter merged into the result of the ones before it",
-        "dtype": TORCH_NAMES[plan.out_dtype] if plan.out_dtype else "auto",
-        "tensor_dtypes": [TORCH_NAMES.get(d, d) for d in dtypes],
-        "untied_lm_head": plan.untie,
-        "tensors": plan.counts(),
-        "shards": plan.shard_files,
-        "max_shard_size": plan.max_shard_size,
-        "files": files["files"],
-        "check": check,
-        "verification": verification if verification is not None else {"run": False},
-        "warnings": warnings,
-        "versions": library_versions(),
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    manifest = MergedManifest(
+        base=MergedBase(
+            name_or_path=base_name,
+            fingerprint=fingerprint,
+            architecture=(plan.config.get("architectures") or [plan.family.architecture])[0],
+            model_type=plan.config.get("model_type"),
+            family=plan.family.name,
+            key_layout=plan.layout,
+        ),
+        adapters=[adapter_record(a) for a in plan.adapters],
+        dtype=dtypes.torch_name(plan.out_dtype) if plan.out_dtype else "auto",
+        tensor_dtypes=[dtypes.torch_name(d) for d in sorted({t.dtype for t in plan.tensors})],
+        untied_lm_head=plan.untie,
+        tensors=plan.counts(),
+        shards=plan.shard_files,
+        max_shard_size=plan.max_shard_size,
+        files=files["files"],
+        check=check,
+        verification=verification if verification is not None else {"run": False},
+        warnings=warnings,
+    )
+    manifest.write(folder)
+    return manifest.to_dict()

@@ -1,4 +1,4 @@
-"""The merge math, in numpy, on blocks of rows: dtype codecs, LoRA/DoRA steps, and a float64 reference.
+"""The merge math, in numpy, on blocks of rows: output encoding, LoRA/DoRA steps, and a float64 reference.
 
 Why numpy and blocks: `import torch` alone costs ~0.6 GB of resident memory and seconds of start-up, and
 whole-tensor numpy expressions allocate (and page-fault) several temporaries the size of the tensor. A
@@ -15,8 +15,7 @@ follows it so fp32 results agree to ~1 ulp of fp32:
   (out, in) for Linear/Conv, columns of the stored tensor for Embedding and `fan_in_fan_out` Linear.
 - lora_bias: bias' = bias + lora_B.bias * scaling.
 
-bf16 is held as uint16 bits: widening is exact (bf16 is the top half of an fp32), narrowing rounds to
-nearest even like torch's `.to(torch.bfloat16)`.
+Dtype codecs (bf16 as uint16 bits included) come from the one dtype table, `vlmtune.io.dtypes`.
 """
 
 from __future__ import annotations
@@ -28,19 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..adapters.reader import LoraModule
-from ..adapters.tensors import to_numpy
-
-# safetensors dtype -> (numpy storage dtype, itemsize). Floating types only: the merge computes on these.
-FLOAT_CODECS: dict[str, tuple[type, int]] = {
-    "F64": (np.float64, 8),
-    "F32": (np.float32, 4),
-    "F16": (np.float16, 2),
-    "BF16": (np.uint16, 2),
-}
-# Significand bits (incl. the implicit one) of each floating dtype, for ulp-based tolerances.
-PRECISION_BITS = {"F64": 53, "F32": 24, "F16": 11, "BF16": 8}
-# The smallest normal exponent, below which the ulp stops shrinking (subnormals).
-MIN_EXPONENT = {"F64": -1022, "F32": -126, "F16": -14, "BF16": -126}
+from ..io import dtypes
 
 # About 1 MB of fp32 per block: small enough to stay in L2 through every pass, big enough that the Python
 # overhead per block is noise.
@@ -62,16 +49,6 @@ def single_threaded_blas() -> Iterator[None]:
         yield
 
 
-def is_float(dtype: str) -> bool:
-    return dtype in FLOAT_CODECS
-
-
-def itemsize(dtype: str) -> int:
-    from ..adapters.tensors import STORAGE
-
-    return STORAGE[dtype][1]
-
-
 class Workspace:
     """Grow-only scratch buffers reused across blocks and tensors (no per-block allocation)."""
 
@@ -88,19 +65,6 @@ class Workspace:
         return buf[:need].view(dtype)
 
 
-def decode_into(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
-    """Widen raw bytes of `dtype` into the float32 array `out` (same element count)."""
-    flat = out.reshape(-1)
-    if dtype == "BF16":
-        bits = flat.view(np.uint32)
-        np.copyto(bits, raw.view(np.uint16), casting="unsafe")
-        np.left_shift(bits, 16, out=bits)
-    elif dtype == "F32":
-        np.copyto(flat, raw.view(np.float32))
-    else:
-        np.copyto(flat, raw.view(FLOAT_CODECS[dtype][0]), casting="unsafe")
-
-
 def encode(x: np.ndarray, dtype: str, ws: Workspace, finite: bool = False) -> np.ndarray:
     """float32 `x` as raw bytes of `dtype` (a uint8 view valid until the next call using `ws`).
     `finite=True` promises no NaN/Inf (checked by the caller), which skips the NaN pass for bf16."""
@@ -108,32 +72,13 @@ def encode(x: np.ndarray, dtype: str, ws: Workspace, finite: bool = False) -> np
     if dtype == "F32":
         return flat.view(np.uint8)
     if dtype == "BF16":
-        bits = flat.view(np.uint32)
-        tmp = ws.get("round", flat.size, np.uint32)
-        # round to nearest even: add 0x7FFF plus the lowest kept bit; the high half is the bf16
-        np.right_shift(bits, 16, out=tmp)
-        np.bitwise_and(tmp, 1, out=tmp)
-        np.add(tmp, 0x7FFF, out=tmp)
-        np.add(tmp, bits, out=tmp)
         out = ws.get("encoded", flat.size, np.uint16)
-        np.copyto(out, tmp.view(np.uint16)[1::2])  # little-endian: the high half of each uint32
-        if not finite:
-            nan = np.isnan(flat)
-            if nan.any():  # keep NaN a NaN (the add above may carry it into Inf)
-                out[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+        dtypes.bf16_round(flat, out=out, tmp=ws.get("round", flat.size, np.uint32), finite=finite)
         return out.view(np.uint8)
-    out = ws.get("encoded", flat.size, FLOAT_CODECS[dtype][0])
+    out = ws.get("encoded", flat.size, dtypes.get(dtype).storage)
     with np.errstate(over="ignore"):  # overflow to inf is caught by the finiteness check
         np.copyto(out, flat, casting="unsafe")
     return out.view(np.uint8)
-
-
-def decode_array(raw: bytes | np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A whole small tensor (adapter factors) as float32."""
-    arr = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes | bytearray) else raw
-    out = np.empty(shape, dtype=np.float32)
-    decode_into(arr, dtype, out)
-    return out
 
 
 def is_rowwise(m: LoraModule) -> bool:
@@ -159,8 +104,8 @@ class Factors:
 
     @classmethod
     def load(cls, m: LoraModule) -> Factors:
-        A = to_numpy(m.A).astype(np.float32, copy=False)
-        B = to_numpy(m.B).astype(np.float32, copy=False)
+        A = m.A.numpy().astype(np.float32, copy=False)
+        B = m.B.numpy().astype(np.float32, copy=False)
         r = A.shape[0]
         rowwise = is_rowwise(m)
         if m.kind == "conv":
@@ -169,8 +114,8 @@ class Factors:
             A2, B2 = np.ascontiguousarray(A), np.ascontiguousarray(B)
         else:
             A2, B2 = np.ascontiguousarray(A.T), np.ascontiguousarray(B.T)
-        bias = to_numpy(m.bias).astype(np.float32).reshape(-1) if m.bias is not None else None
-        mag = to_numpy(m.magnitude).astype(np.float32).reshape(-1) if m.magnitude is not None else None
+        bias = m.bias.numpy().astype(np.float32).reshape(-1) if m.bias is not None else None
+        mag = m.magnitude.numpy().astype(np.float32).reshape(-1) if m.magnitude is not None else None
         return cls(float(m.scaling), rowwise, A2, B2, bias, mag)
 
     @property
@@ -206,19 +151,11 @@ class Factors:
 
 def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
     """The spacing of `dtype` numbers at |values| (float64), subnormal range included."""
+    d = dtypes.get(dtype)
     mag = np.abs(values)
     _, exp = np.frexp(mag)  # mag = m * 2**exp, 0.5 <= m < 1
-    exp = np.maximum(exp - 1, MIN_EXPONENT[dtype])
-    return np.ldexp(1.0, exp - (PRECISION_BITS[dtype] - 1))
-
-
-def round_to(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float64 values rounded to `dtype` and back (round to nearest even), for comparing in ulps."""
-    if dtype == "BF16":
-        bits = values.astype(np.float32).view(np.uint32)
-        rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint32) << 16
-        return rounded.view(np.float32).astype(np.float64)
-    return values.astype(FLOAT_CODECS[dtype][0]).astype(np.float64)
+    exp = np.maximum(exp - 1, d.min_exponent)
+    return np.ldexp(1.0, exp - (d.precision_bits - 1))
 
 
 class Reference:
@@ -230,17 +167,15 @@ class Reference:
 
     def __init__(self, m: LoraModule) -> None:
         self.m = m
-        self.A = to_numpy(m.A).astype(np.float64)
-        self.B = to_numpy(m.B).astype(np.float64)
+        self.A = m.A.numpy().astype(np.float64)
+        self.B = m.B.numpy().astype(np.float64)
         r = self.A.shape[0]
         if m.kind == "conv":
             self.A, self.B = self.A.reshape(r, -1), self.B.reshape(-1, r)
         self.s = float(m.scaling)
         self.rowwise = is_rowwise(m)
-        self.mag_vec = (
-            to_numpy(m.magnitude).astype(np.float64).reshape(-1) if m.magnitude is not None else None
-        )
-        self.bias = to_numpy(m.bias).astype(np.float64).reshape(-1) if m.bias is not None else None
+        self.mag_vec = m.magnitude.numpy().astype(np.float64).reshape(-1) if m.magnitude is not None else None
+        self.bias = m.bias.numpy().astype(np.float64).reshape(-1) if m.bias is not None else None
         self.col_norm: np.ndarray | None = None  # set by the caller for column-wise DoRA
 
     def delta(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

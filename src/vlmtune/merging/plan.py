@@ -15,26 +15,12 @@ from typing import Any
 
 from .. import checkpoint, families
 from ..adapters.reader import Adapter, LoraModule, base_params_from_folder, read_adapter
-from ..adapters.tensors import LazyTensor
-from ..checkpoint import TensorInfo
 from ..errors import VlmtuneError
 from ..families import Family
+from ..io import TensorRecord, dtypes
 from . import lora_math
 from .writer import Entry, parse_size, shard_names, split_shards
 
-# --dtype spellings -> safetensors dtype (None: keep each tensor's own dtype).
-DTYPES: dict[str, str | None] = {
-    "auto": None,
-    "bf16": "BF16",
-    "bfloat16": "BF16",
-    "fp16": "F16",
-    "float16": "F16",
-    "half": "F16",
-    "fp32": "F32",
-    "float32": "F32",
-    "float": "F32",
-}
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")
 
 
@@ -49,7 +35,7 @@ class Step:
     kind: str  # 'replace' (modules_to_save / LLaVA projector) | 'lora' (weight) | 'bias' (lora_bias)
     adapter: int
     lora: LoraModule | None = None
-    tensor: LazyTensor | None = None
+    tensor: TensorRecord | None = None
 
 
 @dataclass
@@ -58,7 +44,7 @@ class OutTensor:
 
     name: str
     runtime: str
-    source: TensorInfo
+    source: TensorRecord
     dtype: str
     steps: list[Step] = field(default_factory=list)
 
@@ -68,7 +54,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.source.numel * lora_math.itemsize(self.dtype)
+        return self.source.numel * dtypes.itemsize(self.dtype)
 
     @property
     def is_copy(self) -> bool:
@@ -112,13 +98,6 @@ class Plan:
         return out
 
 
-def parse_dtype(dtype: str | None) -> str | None:
-    key = (dtype or "auto").lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise MergeError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32.")
-    return DTYPES[key]
-
-
 def check_not_quantized(config: dict[str, Any], folder: Path) -> None:
     for level in (config, config.get("text_config") or {}):
         for key in QUANTIZATION_KEYS:
@@ -147,9 +126,9 @@ def check_output_location(out: Path, base: Path, adapters: Sequence[Path]) -> No
             raise MergeError(f"--out {out} is or contains the adapter folder {a}; choose another folder.")
 
 
-def validate_lora(m: LoraModule, weight: TensorInfo, adapter: Adapter, bias: TensorInfo | None) -> None:
+def validate_lora(m: LoraModule, weight: TensorRecord, adapter: Adapter, bias: TensorRecord | None) -> None:
     where = f"{adapter.path}: {m.module}"
-    if not lora_math.is_float(weight.dtype):
+    if not dtypes.is_float(weight.dtype):
         raise MergeError(
             f"{where}: the base weight {weight.name} is stored as {weight.dtype}, not a float type (a quantized "
             "base?); merge into the unquantized base."
@@ -190,7 +169,10 @@ def build_plan(
     max_shard_size: str | int = "5GB",
 ) -> Plan:
     """Read headers and adapters, validate everything, and decide every output tensor and shard."""
-    out_dtype = parse_dtype(dtype)
+    try:
+        out_dtype = dtypes.parse_name(dtype)
+    except dtypes.DTypeError as exc:
+        raise MergeError(str(exc)) from None
     max_bytes = parse_size(max_shard_size)
     if not adapter_paths:
         raise MergeError("pass at least one --adapter.")
@@ -211,7 +193,7 @@ def build_plan(
     embed = f"{family.prefix_of('embeddings')}.weight"
     embed_info = index[runtime_to_disk[embed]] if embed in runtime_to_disk else None
 
-    def info_of(runtime: str) -> TensorInfo | None:
+    def info_of(runtime: str) -> TensorRecord | None:
         if tied and runtime == head and embed_info is not None:
             return embed_info  # a tied head *is* the embedding at run time, whatever else is stored
         disk = runtime_to_disk.get(runtime)
@@ -234,10 +216,7 @@ def build_plan(
             target = info_of(name)
             if target is None:
                 raise MergeError(f"{a.path}: {name} is not stored in {base}.")
-            if (
-                not (lora_math.is_float(t.dtype) and lora_math.is_float(target.dtype))
-                and t.dtype != target.dtype
-            ):
+            if not (dtypes.is_float(t.dtype) and dtypes.is_float(target.dtype)) and t.dtype != target.dtype:
                 raise MergeError(
                     f"{a.path}: {name} is {t.dtype} in the adapter but {target.dtype} in the base; refusing to "
                     "convert between integer and float tensors."
@@ -254,8 +233,8 @@ def build_plan(
 
     untie = tied and (head in steps or embed in steps)
 
-    def out_dtype_for(src: TensorInfo) -> str:
-        return out_dtype if out_dtype and lora_math.is_float(src.dtype) else src.dtype
+    def out_dtype_for(src: TensorRecord) -> str:
+        return out_dtype if out_dtype and dtypes.is_float(src.dtype) else src.dtype
 
     tensors: list[OutTensor] = []
     for disk, src in index.items():

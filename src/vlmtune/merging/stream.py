@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.tensors import LazyTensor
+from ..io import TensorRecord, dtypes
 from . import lora_math
 from .lora_math import Factors, Workspace
 from .plan import MergeError, OutTensor, Plan
@@ -48,49 +48,23 @@ class Files:
         self._fds.clear()
 
 
-def pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise MergeError(f"a weight file ended early (offset {offset + done}); is it truncated?")
-        done += n
-
-
 class RowSource:
-    """Rows of a stored tensor (base TensorInfo or adapter LazyTensor), read by byte range when possible."""
+    """Rows of a stored tensor (a base or adapter `TensorRecord`) as float32, read by byte range."""
 
-    def __init__(self, files: Files, path: Path, offset: int | None, dtype: str, shape: tuple[int, ...],
-                 whole: Callable[[], bytes] | None = None) -> None:  # fmt: skip
-        self.files, self.path, self.offset, self.dtype = files, path, offset, dtype
-        self.rows = shape[0] if shape else 1
-        self.cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-        self.row_bytes = self.cols * lora_math.itemsize(dtype)
-        self._whole = whole
-        self._cache: np.ndarray | None = None
-
-    @classmethod
-    def of_lazy(cls, files: Files, t: LazyTensor) -> RowSource:
-        return cls(files, t.source, t.offset, t.dtype, t.shape, whole=t.read)
+    def __init__(self, files: Files, record: TensorRecord) -> None:
+        self.files, self.record, self.dtype = files, record, record.dtype
+        self.rows = record.rows
+        self.cols = math.prod(record.shape[1:]) if len(record.shape) > 1 else 1
 
     def read_f32(self, r0: int, r1: int, out: np.ndarray, ws: Workspace) -> None:
         """Rows r0:r1 as float32 into `out` ((r1-r0, cols))."""
-        n = (r1 - r0) * self.row_bytes
-        if self.offset is None:  # pickled tensor, already in memory
-            if self._cache is None:
-                assert self._whole is not None
-                self._cache = np.frombuffer(self._whole(), dtype=np.uint8)
-            raw = self._cache[r0 * self.row_bytes : r0 * self.row_bytes + n]
-        elif self.dtype == "F32":  # read straight into the compute buffer
-            pread_into(
-                self.files.fd(self.path), out.reshape(-1).view(np.uint8), self.offset + r0 * self.row_bytes
-            )
+        fd = None if self.record.blob is not None else self.files.fd(self.record.file)
+        if self.dtype == "F32":  # read straight into the compute buffer
+            self.record.read_into(out.reshape(-1), (r0, r1), fd)
             return
-        else:
-            raw = ws.get("raw", n, np.uint8)
-            pread_into(self.files.fd(self.path), raw, self.offset + r0 * self.row_bytes)
-        lora_math.decode_into(raw, self.dtype, out)
+        raw = ws.get("raw", (r1 - r0) * self.record.row_bytes, np.uint8)
+        self.record.read_into(raw, (r0, r1), fd)
+        dtypes.to_float32(raw.view(dtypes.get(self.dtype).storage), self.dtype, out)
 
 
 def check_finite(t: OutTensor, after: np.ndarray, before: RowSource, r0: int, r1: int, ws: Workspace) -> None:
@@ -109,14 +83,13 @@ class TensorJob:
 
     def __init__(self, t: OutTensor, files: Files) -> None:
         self.t = t
-        src = t.source
-        self.base_rows = RowSource(files, src.file, src.start, src.dtype, src.shape)
+        self.base_rows = RowSource(files, t.source)
         # the chain starts from the last full replacement, if any (it overwrites what came before)
         self.start, steps = self.base_rows, t.steps
         for i, s in enumerate(t.steps):
             if s.kind == "replace":
                 assert s.tensor is not None
-                self.start, steps = RowSource.of_lazy(files, s.tensor), t.steps[i + 1 :]
+                self.start, steps = RowSource(files, s.tensor), t.steps[i + 1 :]
         self.factors: list[tuple[str, Factors]] = []
         for s in steps:
             assert s.lora is not None

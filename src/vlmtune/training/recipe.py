@@ -17,6 +17,7 @@ from ..adapters import save as adapter_save
 from ..adapters.targets import TargetPlan, plan_targets
 from ..config import ConfigError, TrainConfig, dump_yaml, load_train_config, to_dict
 from ..errors import VlmtuneError
+from ..io import dtypes
 from . import rundir
 
 log = logging.getLogger("vlmtune.train")
@@ -91,7 +92,7 @@ def pick_precision(requested: str) -> Precision:
         name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if name == "fp16" and not cuda:
         raise ConfigError("precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU.")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    dtype = dtypes.torch_dtype(name)
     return Precision(name, dtype, not cuda)
 
 
