@@ -9,7 +9,6 @@ torch unless the base is a hub id without local weights (its shapes then come fr
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 from .. import checkpoint, families
 from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
+from ..io import read_json
 from .layout import candidate_layouts, split_key
 from .reader import pattern_value, read_adapter, read_files
 
@@ -143,7 +143,7 @@ def declared_family(folder: Path, config: Mapping[str, Any]) -> Family | None:
     if not (path / "config.json").is_file():
         return None
     try:
-        return families.detect(json.loads((path / "config.json").read_text()))
+        return families.detect(read_json(path / "config.json"))
     except (VlmtuneError, ValueError):
         return None
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from ..adapters.reader import AdapterFormatError
+from ..io import read_json
 from .types import InferenceError
 
 # Files of an adapter folder that carry a processor, a tokenizer or a chat template of its own.
@@ -71,8 +71,10 @@ class Processors:
         if template is None:
             return BASE_KEY
         processor = copy.deepcopy(self._processors[BASE_KEY])
-        text = template.read_text()
-        processor.chat_template = json.loads(text)["chat_template"] if template.suffix == ".json" else text
+        is_json = template.suffix == ".json"
+        processor.chat_template = (
+            read_json(template).get("chat_template") if is_json else template.read_text()
+        )
         return self.register(processor)
 
     def keep_only(self, keys: set[str]) -> None:
