@@ -5,6 +5,7 @@ over HTTP writes a verified folder under --merge-dir only, whose logits match PE
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import time
 
@@ -154,3 +155,41 @@ def test_merge_off_without_merge_dir(setup):
     with serve(UiSettings(runs=[root / "runs"], model=str(base), adapters=adapters), engine) as url:
         refused = Page(url).post("/api/merge", {"adapter": "run/runs/shapes", "name": "x"})
     assert refused.status_code == 400 and "--merge-dir" in refused.json()["error"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("vlmtune.serve.app") is None, reason="vlmtune serve's app has not landed yet"
+)
+def test_openai_api_in_the_same_process(setup):
+    """With --model, the dashboard also serves `vlmtune serve`'s OpenAI API on the same engine and token:
+    the official client's greedy answer equals the side-by-side answer."""
+    from openai import AuthenticationError, OpenAI
+
+    base, root, _, adapters, engine, image = setup
+    image_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    settings = UiSettings(runs=[root / "runs"], model=str(base), adapters=adapters, token="tok")
+    with serve(settings, engine) as url:
+        page = Page(url, token="tok", bearer=True)
+        gallery = page.post(
+            "/api/generate",
+            {"prompt": PROMPT, "image": image_url, "adapters": ["final"], "max_new_tokens": 8},
+        ).json()["answers"][0]["text"]
+        client = OpenAI(base_url=url + "/v1", api_key="tok")
+        assert {m.id for m in client.models.list().data} >= {"final", "early"}
+        reply = client.chat.completions.create(
+            model="final",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": PROMPT},
+                    ],
+                }
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content == gallery
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=url + "/v1", api_key="wrong").models.list()

@@ -109,6 +109,7 @@ def test_pages_in_a_real_browser(driver, setup):
         assert int(canvas.get_attribute("data-points")) == 30 + 6  # 30 train steps, eval at 5, 10, ..., 30
         assert driver.execute_script(CHART_PIXELS, "chart-loss") > 100  # the blue loss line is on the canvas
         assert driver.find_elements(By.ID, "chart-learning_rate")
+        assert int(driver.find_element(By.ID, "chart-padding_ratio").get_attribute("data-points")) == 30
         driver.save_screenshot(str(ARTIFACTS / "run.png"))
 
         driver.get(url + "/#/data?id=runs/shapes")

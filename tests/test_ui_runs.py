@@ -99,7 +99,7 @@ def test_runs_list_and_run_page(runs_root, finished):
 
         metrics = page.get("/api/run/metrics", params={"id": "runs/done"}).json()
         assert metrics["series"]["loss"] == [[r["step"], r["loss"]] for r in rows if "loss" in r]
-        assert {"lr", "grad_norm", "tokens_per_second"} <= set(metrics["series"])
+        assert {"lr", "grad_norm", "tokens_per_second", "padding_ratio"} <= set(metrics["series"])
         png = page.get("/api/run/file", params={"id": "runs/done", "name": "loss.png"})
         assert png.status_code == 200 and png.content == (finished / "loss.png").read_bytes()
         assert page.get("/api/run", params={"id": "runs/nope"}).status_code == 404

@@ -5,6 +5,7 @@ non-loopback bind without a token refused; bodies capped."""
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -43,6 +44,7 @@ def test_token_required(runs_root):
             "model": None,
             "merge_dir": None,
             "gallery": False,
+            "openai": False,
         }
         wrong = Page(url, token="nope", bearer=True)
         assert wrong.get("/api/runs").status_code == 401
@@ -134,3 +136,50 @@ def test_bind_and_body_limits(runs_root):
         assert response.status_code == 413
         chunked = page.post("/api/generate", content=iter([b"x" * 600, b"x" * 600]))  # no Content-Length
         assert chunked.status_code == 413
+
+
+def test_command_line(runs_root, tmp_path):
+    """`vlmtune ui` itself: refuses an open non-loopback bind in one line; serves the runs with a token."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "vlmtune", "ui", "--runs", str(runs_root), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.startswith("error: refusing to listen on 0.0.0.0")
+        and len(refused.stderr.splitlines()) == 1
+    )
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmtune", "ui", "--runs", str(runs_root), "--port", str(port)],
+        env={**os.environ, "VLMTUNE_UI_TOKEN": TOKEN},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == f"vlmtune ui on http://127.0.0.1:{port}/"
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                response = httpx.get(url + "/api/runs", headers={"Authorization": f"Bearer {TOKEN}"})
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "vlmtune ui did not start listening"
+                time.sleep(0.2)
+        assert [r["id"] for r in response.json()["runs"]] == ["runs/a"]
+        assert httpx.get(url + "/api/runs").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -285,7 +285,7 @@ def ui(
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
 ) -> None:
     """A local web dashboard: runs with live curves, data as the model sees it, adapters side by side, merges."""
-    from .infer.engine import parse_adapter_specs
+    from .infer.specs import parse_adapter_specs
     from .ui import UiSettings, run_ui
 
     settings = UiSettings(

@@ -5,8 +5,11 @@ progress of merges still running. Security rules: `vlmtune.ui.security`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +61,20 @@ class UiSettings:
 def create_app(settings: UiSettings, engine: Any = None) -> Any:
     """The dashboard app over `settings`; `engine` (a loaded `vlmtune.infer.Engine`) enables the gallery."""
     settings.check()
-    app = FastAPI(title="vlmtune ui", docs_url=None, redoc_url=None, openapi_url=None)
+    openai = openai_app(engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if openai is None:
+            yield
+            return
+        async with openai.router.lifespan_context(openai):  # the serve scheduler starts and stops with us
+            yield
+
+    app = FastAPI(title="vlmtune ui", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     # The body cap sits inside the guard: it then sees its own BodyTooLarge, not the guard's task group's.
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    guard = security.Guard(settings.token, settings.host)
+    guard = security.Guard(settings.token, settings.host, own=("/api/", "/static/"))
     app.middleware("http")(guard)
     jobs = MergeJobs(settings.merge_dir)
     app.state.settings, app.state.engine, app.state.jobs = settings, engine, jobs
@@ -118,6 +131,7 @@ def create_app(settings: UiSettings, engine: Any = None) -> Any:
             "model": settings.model,
             "merge_dir": str(settings.merge_dir) if settings.merge_dir else None,
             "gallery": engine is not None,
+            "openai": openai is not None,
         }
 
     @app.post("/api/login")
@@ -267,7 +281,20 @@ def create_app(settings: UiSettings, engine: Any = None) -> Any:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if openai is not None:
+        app.mount("/", openai)  # /v1/..., /health, /metrics: `vlmtune serve`'s routes, after the dashboard's
     return app
+
+
+def openai_app(engine: Any, settings: UiSettings) -> Any:
+    """`vlmtune serve`'s OpenAI-compatible app over the same engine (same process, same scheduler rules),
+    keyed by the dashboard's token; None without an engine (or before `vlmtune.serve.app` exists)."""
+    if engine is None or importlib.util.find_spec("vlmtune.serve.app") is None:
+        return None
+    from ..serve import ServeSettings
+    from ..serve import create_app as serve_app
+
+    return serve_app(engine, ServeSettings(host=settings.host, port=settings.port, api_key=settings.token))
 
 
 def run_ui(settings: UiSettings, *, device: str | None = None, dtype: str = "auto") -> None:

@@ -79,9 +79,11 @@ def resolve_under(roots: Sequence[Path], relative: str, root: Path | None = None
 class Guard:
     """The checks above (but the body cap) as one HTTP middleware (`app.middleware("http")(Guard(...))`)."""
 
-    def __init__(self, token: str | None, host: str) -> None:
+    def __init__(self, token: str | None, host: str, own: tuple[str, ...] = ("/api/", "/static/")) -> None:
         self.token = token
         self.loopback = is_loopback(host)
+        # Path prefixes of the dashboard; other paths (a mounted `vlmtune serve`) check the token themselves.
+        self.own = own
 
     def authenticated(self, request: Any) -> str | None:
         """'bearer' | 'cookie' | 'open' (no token configured) | None."""
@@ -102,6 +104,8 @@ class Guard:
         if self.loopback and not is_loopback(host_name(request.headers.get("host", ""))):
             return deny(403, "this dashboard answers on loopback names only (localhost, 127.0.0.1)")
         path = request.url.path
+        if path != "/" and not path.startswith(self.own):  # serve's routes: its own bearer auth, same token
+            return await call_next(request)
         how = self.authenticated(request)
         if path.startswith("/api/") and path not in PUBLIC_API and how is None:
             return deny(401, "log in first: send Authorization: Bearer TOKEN or POST /api/login")
