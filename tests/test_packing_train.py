@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import TrainerCallback
 
 from vlmtune.adapters.manifest import read_manifest
 from vlmtune.data.packing import PackingError
@@ -43,6 +44,16 @@ def varied_rows(root: Path, rows: int) -> Path:
     return path
 
 
+class SeenLogs(TrainerCallback):
+    """What every log callback (the progress bar's included) is handed."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
 def config(base: Path, data: Path, out: Path, **extra) -> dict:
     return {
         "model": str(base),
@@ -65,15 +76,17 @@ def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("packing-train")
     data = varied_rows(root, 12)
     base = tiny_model("qwen2_vl")
-    out = {}
+    out, seen = {}, {}
     for name, extra in {
         "padded": {"packing": "off"},
         "packed": {"packing": "on"},
         "grouped": {"packing": "off", "group_by_length": True},
         "budget": {"batch_size": 1, "max_tokens_per_batch": 400},
     }.items():
-        run_dir = run(config(base, data, root / name, **extra))
+        seen[name] = SeenLogs()
+        run_dir = run(config(base, data, root / name, **extra), callbacks=[seen[name]])
         out[name] = (run_dir, [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r])
+    out["seen"] = seen
     return out
 
 
@@ -89,10 +102,15 @@ def test_packed_run_trains_like_the_padded_run(runs):
 
 
 def test_metrics_report_padding_ratio_and_real_tokens_per_second(runs):
-    for name, (_, rows) in runs.items():
+    for name in ("padded", "packed", "grouped", "budget"):
+        rows = runs[name][1]
         for row in rows:
             assert row["tokens_per_second"] > 0, name
             assert 0 <= row["padding_ratio"] < 1, name
+        # The progress line prints the logs every callback is handed: the same step values.
+        step_logs = [log for log in runs["seen"][name].logs if "loss" in log]
+        assert [log["padding_ratio"] for log in step_logs] == [r["padding_ratio"] for r in rows], name
+        assert all(log["tokens_per_second"] > 0 for log in step_logs), name
     assert all(r["padding_ratio"] == 0 for r in runs["packed"][1] + runs["budget"][1])
     assert all(r["padding_ratio"] > 0.1 for r in runs["padded"][1])
     summary = read_manifest(runs["packed"][0] / "adapter").training["batches"]
