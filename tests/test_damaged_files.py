@@ -132,8 +132,6 @@ CASES["adapter-llava-config-garbage"] = ("adapter", "config.json", lambda raw: G
 
 BASE_CASES = sorted(k for k, v in CASES.items() if v[0] == "base")
 ADAPTER_CASES = sorted(k for k, v in CASES.items() if v[0] == "adapter")
-# what train reads before it loads weights (through transformers)
-CONFIG_CASES = sorted(k for k in BASE_CASES if "shard" not in k and "index" not in k)
 
 
 def checksums(folder: Path) -> dict[str, str]:
@@ -237,8 +235,8 @@ def test_load_refuses_in_one_line(case, corpus):
     assert str(damaged) in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("case", CONFIG_CASES)
-def test_train_refuses_a_damaged_base_config(case, corpus, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("case", BASE_CASES)
+def test_train_refuses_a_damaged_base(case, corpus, tmp_path, monkeypatch, capsys):
     base, _, damaged = corpus(case)
     config = tmp_path / "train.yaml"
     run_dir = tmp_path / "run"

@@ -5,6 +5,7 @@ Nothing here imports torch or transformers, so `inspect` and the merge stay ligh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -97,6 +98,13 @@ def tensor_index(folder: str | Path) -> dict[str, TensorRecord]:
                 raise CheckpointError(f"{name} appears in both {out[name].file.name} and {file.name}.")
             out[name] = record
     return out
+
+
+def check_weights(folder: str | Path) -> None:
+    """Validate every safetensors header of a folder before a loader (transformers) reads it, so a damaged
+    shard or index is one line naming it; a folder without safetensors is left to the loader."""
+    with contextlib.suppress(CheckpointError):
+        tensor_index(folder)
 
 
 def fingerprint(folder: str | Path) -> str:

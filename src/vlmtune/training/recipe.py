@@ -111,6 +111,7 @@ def run(
 
     folder = checkpoint.resolve(cfg.model)
     base_config = checkpoint.read_config(folder)
+    checkpoint.check_weights(folder)
     family = families.detect(base_config)
     processor = load_processor(folder, image_limits(cfg, family))
     train_report, eval_report = check_data(cfg, processor, family)
