@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import VlmtuneError
 from . import dtypes
 from .errors import DamagedFileError
 
@@ -113,7 +114,7 @@ class TensorRecord:
         uint16 bits otherwise)."""
         d = dtypes.get(self.dtype)
         if d.storage is None:
-            raise DamagedFileError(
+            raise VlmtuneError(
                 f"{self.file}: tensor {self.name!r} is {self.dtype}, which vlmtune cannot read."
             )
         raw = np.frombuffer(self.read(), dtype=d.storage).reshape(self.shape)
