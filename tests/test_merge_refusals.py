@@ -88,9 +88,16 @@ def test_non_empty_output_needs_overwrite(setup, tmp_path):
 
 
 def test_adapter_of_another_family(setup, tiny_model, tmp_path):
+    """By its declared base (the same refusal as predict's), or, with no base declared, by its keys."""
     _, _, adapter = setup
     llava = tiny_model("llava")
-    err = refuse(VlmtuneError, "cannot be placed", llava, adapter, tmp_path / "out")
+    refuse(MergeError, r"a qwen2_vl model, but the base is a llava model", llava, adapter, tmp_path / "out")
+    anonymous = tmp_path / "anonymous"
+    shutil.copytree(adapter, anonymous)
+    config = json.loads((anonymous / "adapter_config.json").read_text())
+    config.pop("base_model_name_or_path")
+    (anonymous / "adapter_config.json").write_text(json.dumps(config))
+    err = refuse(VlmtuneError, "cannot be placed", llava, anonymous, tmp_path / "out")
     assert "base_model.model.model.language_model" in str(err) or "merger" in str(err)
 
 

@@ -9,6 +9,7 @@ torch unless the base is a hub id without local weights (its shapes then come fr
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,9 +18,10 @@ from typing import Any
 from .. import checkpoint, families
 from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
-from ..io import read_json
+from . import rules
 from .layout import candidate_layouts, split_key
-from .reader import pattern_value, read_adapter, read_files
+from .reader import base_values_from_folder, pattern_value, read_adapter, read_files
+from .rules import declared_family
 
 # vLLM (0.33): `--max-lora-rank` takes one of these values and defaults to 16.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,6 +42,9 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
     if base is not None:
         base_folder, base_config, base_params = base_shapes(base)
         family: Family | None = families.detect(base_config)
+        base_values = None  # no local weights: a saved base copy cannot be compared with the base
+        with contextlib.suppress(checkpoint.CheckpointError):
+            base_values = base_values_from_folder(base_folder, family, base_config)
     else:
         family = guess_family(folder, config, manifest, found.foreign_family, tensors)
 
@@ -56,10 +61,20 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
     if base is not None and family is not None:
         fit = {"checked": True, "base": str(base), "base_family": family.name}
         try:
-            adapter = read_adapter(folder, family, base_params, base_config)
+            adapter = read_adapter(
+                folder,
+                family,
+                base_params,
+                base_config,
+                use="inspect",
+                base_fingerprint=checkpoint.fingerprint(base_folder) if base_values else None,
+                base_values=base_values,
+            )
         except VlmtuneError as exc:
             fit.update(fits=False, error=str(exc))
+            findings = rules.evaluate("files", rules.Context(found, family, base_params, base_config))
         else:
+            findings = adapter.findings
             modules = [
                 {
                     "module": m.module,
@@ -72,14 +87,18 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
                 }
                 for m in adapter.lora.values()
             ]
-            full = sorted(adapter.full)
+            full = sorted([*adapter.full, *adapter.unchanged_copies])
             layouts = sorted(adapter.layouts)
             fit.update(fits=True, placed_tensors=len(tensors), lora_modules=len(adapter.lora))
-            fit["full_tensors"] = len(adapter.full)
+            fit["full_tensors"] = len(adapter.full) + len(adapter.unchanged_copies)
             if manifest is not None and manifest.base.fingerprint:
                 fit["same_base_as_training"] = manifest.base.fingerprint == checkpoint.fingerprint(
                     base_folder
                 )
+    else:
+        ctx = rules.Context(found, family, {}, {}) if family is not None else None
+        findings = rules.evaluate("files", ctx) if ctx is not None else []
+    report["rules"] = rule_report(findings, fit)
     lora_names = {m["module"] for m in modules}
     # PEFT saves the base weight of a LoRA-targeted lm_head/embedding beside its factors
     # (`save_embedding_layers`): a copy of the base (or a resized/retrained one), not modules_to_save.
@@ -108,6 +127,19 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
     return report
 
 
+def rule_report(findings: list[rules.Finding], fit: dict[str, Any]) -> dict[str, Any]:
+    """What `predict`/`chat`/`serve` (unmerged) and `merge` will say of this folder: the same rules
+    (`adapters.rules`) they apply, so the verdicts here are theirs. An adapter that does not fit the base
+    is refused by both (after any rule checked before placement)."""
+    out: dict[str, Any] = rules.verdicts(findings)
+    if fit.get("fits") is False:
+        for use in rules.APPLYING_USES:
+            out[use] = {"verdict": "refuse", "because": [*out[use]["because"], fit["error"]]}
+    out["findings"] = [f.to_dict() for f in findings]
+    out["checked"] = "with the base" if fit["checked"] else "without a base: only the folder's own settings"
+    return out
+
+
 def base_shapes(base: str | Path) -> tuple[Path, dict[str, Any], dict[str, tuple[int, ...]]]:
     """(folder, config, runtime parameter shapes) of a base: from safetensors headers when the weights are
     local, else from the module tree built on the meta device (no weights are downloaded)."""
@@ -128,24 +160,6 @@ def made_for(config: Mapping[str, Any], manifest: Any) -> str | None:
     if manifest is not None:
         return manifest.base.name_or_path
     return config.get("base_model_name_or_path")
-
-
-def declared_family(folder: Path, config: Mapping[str, Any]) -> Family | None:
-    """The family of the base an adapter says it was made for, when that base is a local folder (a PEFT
-    `base_model_name_or_path`); None when unknown. Catches adapters of one family loaded on another whose
-    language-model names happen to coincide."""
-    declared = config.get("base_model_name_or_path")
-    if not declared:
-        return None
-    path = Path(str(declared)).expanduser()
-    if not path.is_absolute():
-        path = folder / path if (folder / path).is_dir() else path
-    if not (path / "config.json").is_file():
-        return None
-    try:
-        return families.detect(read_json(path / "config.json"))
-    except (VlmtuneError, ValueError):
-        return None
 
 
 def guess_family(

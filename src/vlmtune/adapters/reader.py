@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,34 +22,15 @@ from .. import families
 from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
 from ..io import TensorRecord, check_loader_files, read_json, read_tensors
+from . import rules
 from .layout import AdapterKeyError, Placement, place
 from .manifest import Manifest, read_manifest
+from .rules import Finding, Use
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # PEFT's `target_modules` value for "no LoRA layer, only modules_to_save" (peft.utils.constants).
 DUMMY_TARGET_MODULES = "dummy-target-modules"
-
-# adapter_config.json settings that change what the weights mean and that vlmtune does not implement.
-# (Each must be absent, None, False or empty.)
-UNSUPPORTED_SETTINGS = {
-    "target_parameters": "LoRA on raw parameters (MoE experts)",
-    "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token indices",
-    "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-    "kasa_config": "KaSA",
-}
-
-
-# init_lora_weights values whose initialisation rewrites the base weights (PiSSA/OLoRA/CorDA: W <- W - B0 A0;
-# LoftQ/LoRA-GA replace W): an adapter saved without PEFT's conversion to plain LoRA is only right on that
-# modified base, for un-merged inference and merge alike.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class AdapterFormatError(VlmtuneError):
@@ -84,6 +65,10 @@ class Adapter:
     ]  # key layouts seen: 'runtime', 'original', or a foreign format's (e.g. 'llava_original')
     manifest: Manifest | None = None
     files: list[Path] = field(default_factory=list)
+    # The adapter rules that apply (see `rules.RULES`), and the messages of those this use warns about.
+    findings: list[Finding] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unchanged_copies: list[str] = field(default_factory=list)  # base weights saved as they are: dropped
 
     @property
     def use_dora(self) -> bool:
@@ -160,26 +145,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise AdapterFormatError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
-    config = read_json(path, fix="restore the adapter_config.json saved with the weights")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterFormatError(
-            f"{path}: peft_type {peft_type} is not supported; vlmtune handles LoRA (incl. DoRA, rsLoRA)."
-        )
-    for key, what in UNSUPPORTED_SETTINGS.items():
-        if config.get(key) not in (None, False, {}, [], ""):
-            raise AdapterFormatError(
-                f"{path}: {key} ({what}) is set; vlmtune cannot apply it faithfully, so it refuses the adapter."
-            )
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
-        raise AdapterFormatError(
-            f"{path}: init_lora_weights={init!r}: that initialisation rewrites the base weights (for PiSSA, OLoRA "
-            "and CorDA it subtracts the initial factors from the base weights; LoftQ and LoRA-GA replace them), so "
-            "these factors are only right on that modified base. Convert the adapter to a plain LoRA first (PEFT: "
-            "save_pretrained(..., path_initial_model_for_weight_conversion=...))."
-        )
-    return config
+    return read_json(path, fix="restore the adapter_config.json saved with the weights")
 
 
 @dataclass
@@ -242,20 +208,26 @@ def read_adapter(
     family: Family,
     base_params: Mapping[str, tuple[int, ...]],
     base_config: Mapping[str, Any] | None = None,
+    *,
+    use: Use,
+    base_fingerprint: str | None = None,
+    base_values: Callable[[str], Any] | None = None,
 ) -> Adapter:
-    """Read and strictly place an adapter folder on a base.
+    """Read and strictly place an adapter folder on a base, and apply every adapter rule (`rules.RULES`)
+    for `use`: 'unmerged' (predict, chat, serve), 'merge', or 'inspect' (nothing refused; the findings
+    are kept on the adapter for the report).
 
     `base_params` maps every runtime parameter name of the base to its logical shape ((out, in) for a
     Linear even when quantized). Raises before anything is loaded into a model when a key cannot be placed,
-    a shape does not fit, or a setting cannot be applied.
+    a shape does not fit, or a rule refuses the adapter for `use`. `base_fingerprint` and `base_values`
+    (runtime name -> values) let the rules that need them run; base weights the adapter saved unchanged
+    beside its LoRA factors are dropped, whatever the use.
     """
     found = read_files(path)
     folder, config, manifest, tensors = found.folder, found.config, found.manifest, found.tensors
-    if manifest is not None and manifest.base.family != family.name:
-        raise AdapterFormatError(
-            f"{folder} was trained on a {manifest.base.family} model ({manifest.base.name_or_path}) but the base "
-            f"is a {family.name} model; pass the base it was trained on."
-        )
+    ctx = rules.Context(found, family, base_params, dict(base_config or {}), base_fingerprint, base_values)
+    findings = rules.evaluate("files", ctx)
+    rules.enforce(findings, use)
     if found.foreign is not None:
         if found.foreign not in family.foreign_formats:
             owner = found.foreign_family.name if found.foreign_family else "another"
@@ -270,6 +242,15 @@ def read_adapter(
         folder, found.format, config, {}, {}, {p.layout for p in placements}, manifest, found.files
     )
     build_modules(adapter, placements, tensors, base_params)
+    ctx.adapter = adapter
+    findings += rules.evaluate("placed", ctx)
+    adapter.findings = findings
+    adapter.warnings = rules.enforce(findings, use)
+    if base_values is not None:
+        for name in rules.base_copies(adapter):
+            if rules.copy_is_unchanged(adapter, name, base_values):
+                del adapter.full[name]
+                adapter.unchanged_copies.append(name)
     return adapter
 
 
@@ -396,6 +377,21 @@ def base_params_from_folder(
     if head not in params and tied_embeddings(dict(config)) and embed in params:
         params[head] = params[embed]
     return params
+
+
+def base_values_from_folder(
+    folder: str | Path, family: Family, config: Mapping[str, Any]
+) -> Callable[[str], Any]:
+    """Runtime parameter name -> float32 numpy values, read from the folder's safetensors on demand (for
+    the rules that compare a saved copy with the base; a tied lm_head reads the embedding)."""
+    from ..checkpoint import tensor_index
+    from ..families import tied_embeddings
+
+    index = {family.to_runtime(name): record for name, record in tensor_index(folder).items()}
+    head, embed = f"{family.prefix_of('lm_head')}.weight", f"{family.prefix_of('embeddings')}.weight"
+    if head not in index and tied_embeddings(dict(config)) and embed in index:
+        index[head] = index[embed]
+    return lambda name: index[name].numpy()
 
 
 def base_params_from_model(model: Any) -> dict[str, tuple[int, ...]]:

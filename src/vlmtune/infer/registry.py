@@ -131,14 +131,19 @@ class AdapterRegistry:
         if name in self._loaded:
             raise InferenceError(f"an adapter called {name!r} is already loaded; choose another name.")
         path = Path(path)
-        rules.check_declared_base(path, self.family)
-        adapter = read_adapter(path, self.family, self.base_params, self.base_config)
-        rules.check_supported(adapter)
-        rules.drop_base_copies(adapter, self.base_model)
+        adapter = read_adapter(
+            path,
+            self.family,
+            self.base_params,
+            self.base_config,
+            use="unmerged",
+            base_fingerprint=self.fingerprint,
+            base_values=lambda param: self.base_model.get_parameter(param).detach().float().cpu().numpy(),
+        )
         sha256 = content_sha256(path, adapter.files)
         mixable, because = rules.mixability(adapter, self.family)
         config, dropped = lora_config(adapter)
-        messages = rules.base_warnings(adapter, self.base, self.fingerprint)
+        messages = list(adapter.warnings)  # what the adapter rules warn about for use 'unmerged'
         if dropped:
             messages.append(
                 f"{path}: adapter_config.json keys unknown to this PEFT version were ignored: {', '.join(dropped)}."

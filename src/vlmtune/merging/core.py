@@ -82,18 +82,11 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def merge_warnings(
-    plan: Plan, fingerprint: str, files: dict[str, Any], verification: dict[str, Any] | None
-) -> list[str]:
+def merge_warnings(plan: Plan, files: dict[str, Any], verification: dict[str, Any] | None) -> list[str]:
     """What the user should look at although the merge succeeded."""
     warnings = list(files["warnings"])
     for a in plan.adapters:
-        made_for = a.manifest.base.fingerprint if a.manifest else None
-        if made_for and made_for != fingerprint:
-            warnings.append(
-                f"{a.path} was trained on {a.manifest.base.name_or_path} (fingerprint {made_for}), not on this "
-                f"base ({fingerprint}); the merge is exact, but check that this is the base you meant"
-            )
+        warnings += a.warnings  # what the adapter rules warn about for use 'merge'
     if verification and not verification["discriminating"]:
         warnings.append(
             "the adapter changes the probe logits by less than the tolerance, so --verify could not tell the "
@@ -157,7 +150,7 @@ def merge(
                     f"{verification['max_abs_logit_diff']:.3g} (tolerance {verification['tolerance']:.3g} for "
                     f"{dtypes.torch_name(dtype_key)}); {out} was not written."
                 )
-        warnings = merge_warnings(plan, fingerprint, files, verification)
+        warnings = merge_warnings(plan, files, verification)
         manifest = export.write_manifest(
             plan, tmp, str(base), fingerprint, check, files, verification, warnings
         )

@@ -1,8 +1,9 @@
 """Everything the merge decides before it writes a byte: what each output tensor is made of.
 
 Validation lives here so that a merge that cannot be done faithfully fails before the output folder is
-created: a quantized base, an adapter key that lands nowhere or twice, a layer type or setting we cannot
-merge, a `lora_bias` on a layer without bias, an output dtype that is not a float type.
+created: a quantized base, an adapter key that lands nowhere or twice, an adapter the rules of
+`adapters.rules` refuse for use 'merge' (settings and layers we cannot merge), an output dtype that is not a
+float type.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint, families
-from ..adapters.reader import Adapter, LoraModule, base_params_from_folder, read_adapter
+from ..adapters.reader import (
+    Adapter,
+    LoraModule,
+    base_params_from_folder,
+    base_values_from_folder,
+    read_adapter,
+)
+from ..adapters.rules import AdapterRefusedError
 from ..errors import VlmtuneError
 from ..families import Family
 from ..io import TensorRecord, dtypes
@@ -133,15 +141,8 @@ def validate_lora(m: LoraModule, weight: TensorRecord, adapter: Adapter, bias: T
             f"{where}: the base weight {weight.name} is stored as {weight.dtype}, not a float type (a quantized "
             "base?); merge into the unquantized base."
         )
-    ndim = len(weight.shape)
-    if m.kind == "conv":
-        kernel_b = m.B.shape[2:]
-        if ndim < 3 or len(m.A.shape) != ndim or any(k != 1 for k in kernel_b):
-            raise MergeError(
-                f"{where}: conv LoRA with lora_A {m.A.shape} / lora_B {m.B.shape} on a weight of shape "
-                f"{weight.shape} (grouped or non-1x1 lora_B) cannot be merged; PEFT cannot merge it either."
-            )
-    elif ndim != 2:
+    ndim = len(weight.shape)  # (conv kernels and lora_bias without a base bias: adapters.rules)
+    if m.kind != "conv" and ndim != 2:
         raise MergeError(f"{where}: {m.kind} LoRA on a {ndim}-D weight {weight.shape} cannot be merged.")
     if m.magnitude is not None:
         rows = weight.shape[0]
@@ -152,14 +153,8 @@ def validate_lora(m: LoraModule, weight: TensorRecord, adapter: Adapter, bias: T
                 f"{where}: DoRA magnitude of shape {m.magnitude.shape} does not fit the weight {weight.shape} "
                 f"(expected {want} values); the adapter was made for another base."
             )
-    if m.bias is not None:
-        if bias is None:
-            raise MergeError(
-                f"{where}: the adapter has lora_bias but the base layer has no bias, so there is nothing to merge "
-                "it into (PEFT refuses this merge too)."
-            )
-        if math.prod(m.bias.shape) != bias.numel:
-            raise MergeError(f"{where}: lora_B bias {m.bias.shape} does not fit the base bias {bias.shape}.")
+    if m.bias is not None and bias is not None and math.prod(m.bias.shape) != bias.numel:
+        raise MergeError(f"{where}: lora_B bias {m.bias.shape} does not fit the base bias {bias.shape}.")
 
 
 def build_plan(
@@ -186,7 +181,17 @@ def build_plan(
         raise MergeError(f"{base}: {exc}") from None
     layout = family.disk_layout(index)
     params = base_params_from_folder(base, family, config)
-    adapters = [read_adapter(p, family, params, config) for p in adapter_paths]
+    fingerprint = checkpoint.fingerprint(base)
+    values = base_values_from_folder(base, family, config)
+    try:
+        adapters = [
+            read_adapter(
+                p, family, params, config, use="merge", base_fingerprint=fingerprint, base_values=values
+            )
+            for p in adapter_paths
+        ]
+    except AdapterRefusedError as exc:
+        raise MergeError(str(exc)) from None
 
     tied = families.tied_embeddings(config)
     head = f"{family.prefix_of('lm_head')}.weight"
@@ -201,15 +206,6 @@ def build_plan(
 
     steps: dict[str, list[Step]] = {}
     for i, a in enumerate(adapters):
-        if (
-            tied
-            and a.config.get("ensure_weight_tying")
-            and any(n in (head, embed) for n in [f"{m}.weight" for m in a.lora] + list(a.full))
-        ):
-            raise MergeError(
-                f"{a.path}: ensure_weight_tying=True adapters of tied embeddings are not supported by the merge "
-                "yet; train without ensure_weight_tying (the merge then writes lm_head untied)."
-            )
         # Whole tensors first: a tensor the adapter stores whole (modules_to_save, or the embedding base
         # layer PEFT saves with `save_embedding_layers`) is what its own LoRA then applies to.
         for name, t in a.full.items():

@@ -69,11 +69,6 @@ def attach(model: Any, adapter: Adapter) -> Any:
     the same as runtime ones); fails on any tensor PEFT does not take."""
     from peft import get_peft_model
 
-    if adapter.config.get("fan_in_fan_out") and any(m.kind == "linear" for m in adapter.lora.values()):
-        raise MergeError(
-            f"{adapter.path}: fan_in_fan_out=True on nn.Linear layers cannot run un-merged in PEFT (it resets the "
-            "flag), so --verify has no reference; the merge itself applies the documented math. Run without --verify."
-        )
     peft_model = get_peft_model(model, lora_config(adapter)[0])
     load_weights(peft_model, adapter, "default")
     return peft_model.eval()
