@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import vlmtune
-from test_ui_support import FAMILY, Page, serve, train_config
+from test_ui_support import FAMILY, Page, copy_run, serve, train_config
 from vlmtune.demo import write_split
 from vlmtune.ui import UiSettings
 
@@ -68,6 +68,10 @@ def setup(tiny_model, tmp_path_factory):
     config["data"]["eval_split"] = 0.25
     config["eval_steps"] = 5
     run_dir = vlmtune.train(config)
+    other = copy_run(
+        run_dir, root / "runs" / "shapes-b"
+    )  # a second run to compare (its config differs in lr)
+    (other / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("lr: 0.01", "lr: 0.02"))
     adapters = {"final": run_dir / "adapter", "early": run_dir / "checkpoints" / "step-15"}
     engine = vlmtune.load(base, adapters, device="cpu")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -102,6 +106,17 @@ def test_pages_in_a_real_browser(driver, setup):
         assert "30" in row.text
         driver.save_screenshot(str(ARTIFACTS / "runs.png"))
 
+        for pick in driver.find_elements(By.CSS_SELECTOR, "input.pick"):
+            pick.click()
+        driver.find_element(By.ID, "compare").click()
+        overlay = wait(driver, lambda d: d.find_elements(By.ID, "cmp-loss"))[0]
+        assert overlay.get_attribute("data-series") == "runs/shapes,runs/shapes-b"
+        diff = driver.find_element(By.CSS_SELECTOR, "table.diff tbody").text
+        assert diff.split() == ["lr", "0.01", "0.02"]
+        driver.save_screenshot(str(ARTIFACTS / "compare.png"))
+
+        driver.get(url + "/")
+        row = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-run="runs/shapes"]'))[0]
         row.find_element(By.LINK_TEXT, "runs/shapes").click()
         wait(driver, lambda d: int(d.find_element(By.ID, "chart-loss").get_attribute("data-points") or 0) > 0)
         canvas = driver.find_element(By.ID, "chart-loss")

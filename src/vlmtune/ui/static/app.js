@@ -141,6 +141,7 @@ async function runView(params) {
     <p class="muted">${esc(run.path)} · model ${esc(run.model)} · <span id="run-step"></span>
       · <a href="#/data?id=${encodeURIComponent(id)}">data as the model sees it</a></p>
     ${run.error ? `<p class="error">${esc(run.error)}</p>` : ""}
+    ${run.state === "resumable" ? `<p class="warn">stopped with a complete checkpoint; continue it with <code>vlmtune train ${esc(run.path)}/config.yaml resume=auto</code></p>` : ""}
     <div id="charts" class="charts"></div>
     <h2>Data</h2>
     <table><thead><tr><th>split</th><th class="num">rows</th><th class="num">valid</th><th class="num">invalid</th><th class="num">truncated</th>
