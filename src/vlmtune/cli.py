@@ -173,6 +173,76 @@ def chat(
 # --- end inference ---
 
 
+# --- serve ---
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
+    adapter: AdapterOption = None,
+    host: Annotated[
+        str, typer.Option(help="bind address (non-loopback needs --api-key or --insecure)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(help="bearer key for every route but /health (default: env VLMTUNE_API_KEY)")
+    ] = None,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without a key")] = False,
+    adapter_dir: Annotated[
+        Path | None, typer.Option(help="POST /v1/adapters may load folders inside this one (default: off)")
+    ] = None,
+    image_dir: Annotated[
+        Path | None,
+        typer.Option(help="image paths / file:// URLs may name files inside this folder (default: off)"),
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option(help="fetch http(s) image URLs (public addresses only)")
+    ] = False,
+    max_batch_size: Annotated[int, typer.Option(help="rows decoding together")] = 16,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="cap on max_tokens per request")] = 2048,
+    max_prompt_tokens: Annotated[int, typer.Option(help="cap on prompt tokens per request")] = 8192,
+    max_body_bytes: Annotated[int, typer.Option(help="cap on a request body")] = 20 * 2**20,
+    max_image_bytes: Annotated[int, typer.Option(help="cap on one image's encoded size")] = 10 * 2**20,
+    max_image_pixels: Annotated[int, typer.Option(help="cap on one image's width x height")] = 4096 * 4096,
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: cuda if present)")] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+    print_vllm: Annotated[
+        bool,
+        typer.Option("--print-vllm", help="print the equivalent `vllm serve` line (or why not) and exit"),
+    ] = False,
+) -> None:
+    """Serve the base and adapters with an OpenAI-compatible API and continuous batching."""
+    from .infer.engine import parse_adapter_specs
+    from .serve import ServeSettings
+    from .serve.run import print_vllm as vllm_line
+    from .serve.run import serve as run_serve
+
+    adapters = parse_adapter_specs(adapter or [])
+    if print_vllm:
+        typer.echo(vllm_line(model, adapters))
+        return
+    settings = ServeSettings(
+        host=host,
+        port=port,
+        api_key=api_key,
+        insecure=insecure,
+        adapter_dir=adapter_dir,
+        image_dir=image_dir,
+        allow_remote_images=allow_remote_images,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        max_body_bytes=max_body_bytes,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+    )
+    run_serve(model, adapters, settings, dtype=dtype, device=device, quantization=quantization)
+
+
+# --- end serve ---
+
+
 # --- training ---
 data_app = typer.Typer(help="Training data: check files before training.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
