@@ -24,8 +24,9 @@ from .errors import ApiError, BodyLimit, error_body, send_error
 from .metrics import CONTENT_TYPE, Metrics
 from .registry import Describer, base_entry, check_name, resolve_adapter_path, resolve_model
 from .sampling import Sampling
-from .scheduler import Job, Scheduler, engine_encode, job_for
+from .scheduler import Job, Scheduler, job_for
 from .schemas import AdapterLoad, ChatRequest
+from .seam import engine_encode
 from .settings import ServeSettings
 
 

@@ -11,6 +11,7 @@ shares a forward with never changes its answer.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -147,11 +148,15 @@ class Cohort:
         self.rows = [row for row in self.rows for _ in range(times)]
 
 
+@functools.cache
+def accepts_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
 def forward_kwargs(model: Any) -> dict[str, Any]:
     """Keyword arguments `generate` adds to every step (through `prepare_inputs_for_generation`): logits
     for the last position only."""
-    accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return {"logits_to_keep": 1} if accepts else {}
+    return {"logits_to_keep": 1} if accepts_logits_to_keep(type(model)) else {}
 
 
 def prefill(model: Any, encoded: Any, rows: list[Any], mix: Hashable) -> tuple[torch.Tensor, Cohort]:

@@ -3,7 +3,9 @@
 `data:` URLs (png, jpeg, webp, gif) always; local paths and `file://` only inside `--image-dir` (after
 resolving links); `http(s)` only with `--allow-remote-images`, then only to public addresses (the address
 checked is the one connected to, so a name that re-resolves to a private one does not get through), with
-no redirects, a byte cap and a timeout. Every image is size-checked before it is decoded (no pixel bombs).
+no redirects, a byte cap and a timeout. Every image is size-checked before it is decoded (no pixel bombs),
+then decoded by `vlmtune.conversation.open_image` under the allowed formats; paths are resolved by its
+`resolve_path` with `--image-dir` as the root.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..conversation import ImageError, ImagePolicy, open_image
+from ..conversation.images import resolve_path
 from .errors import ApiError
 from .settings import ServeSettings
 
@@ -85,14 +89,11 @@ def from_local(url: str, settings: ServeSettings, param: str) -> bytes:
     raw = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file://") else url
     if "://" in raw:
         raise ApiError(400, f"image URL scheme of {url[:40]!r} is not supported.", param=param)
-    path = Path(raw)
-    path = (path if path.is_absolute() else settings.image_dir / path).resolve()
-    if not path.is_relative_to(settings.image_dir):
-        raise ApiError(400, "the image path is outside --image-dir; paths must stay inside it.", param=param)
-    if not path.is_file():
-        raise ApiError(
-            400, f"no image file {path.relative_to(settings.image_dir)} in --image-dir.", param=param
-        )
+    try:
+        path = resolve_path(Path(raw), ImagePolicy(root=settings.image_dir))
+    except ImageError as exc:
+        message = "the image path is outside --image-dir; paths must stay inside it."
+        raise ApiError(400, message if exc.code == "image_refused" else str(exc), param=param) from None
     if path.stat().st_size > settings.max_image_bytes:
         raise too_large(settings, param)
     return path.read_bytes()
@@ -159,30 +160,30 @@ class PinnedHTTPS(http.client.HTTPSConnection):
 
 
 def decode(data: bytes, settings: ServeSettings, param: str) -> LoadedImage:
+    """Check the size from the header, then decode fully with the conversation module's opener."""
     from PIL import Image
 
     if len(data) > settings.max_image_bytes:
         raise too_large(settings, param)
+    formats = [f.upper() for f in settings.allowed_image_types]
     try:
-        img = Image.open(io.BytesIO(data))
-        kind = (img.format or "").lower()
-        if kind not in settings.allowed_image_types:
-            raise ApiError(400, f"image format {kind or 'unknown'} is not accepted.", param=param)
-        width, height = img.size
-        if width * height > settings.max_image_pixels:
-            raise ApiError(
-                413,
-                f"the image is {width}x{height} pixels, over the server's limit of {settings.max_image_pixels} "
-                "(--max-image-pixels).",
-                param=param,
-                code="image_too_large",
-            )
-        img.load()
-        rgb = img.convert("RGB")
-    except ApiError:
-        raise
+        with Image.open(io.BytesIO(data), formats=formats) as img:
+            width, height = img.size
     except Exception:  # PIL raises many types for a bad file; all mean the same to the client
-        raise ApiError(400, "the image cannot be decoded.", param=param) from None
+        allowed = ", ".join(settings.allowed_image_types)
+        raise ApiError(400, f"the image cannot be decoded as {allowed}.", param=param) from None
+    if width * height > settings.max_image_pixels:
+        raise ApiError(
+            413,
+            f"the image is {width}x{height} pixels, over the server's limit of {settings.max_image_pixels} "
+            "(--max-image-pixels).",
+            param=param,
+            code="image_too_large",
+        )
+    try:
+        rgb = open_image(data, ImagePolicy(formats=tuple(formats), paths=False))
+    except ImageError as exc:
+        raise ApiError(400, str(exc), param=param) from None
     return LoadedImage(rgb, hashlib.sha256(data).hexdigest(), len(data))
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,5 +41,31 @@ def print_vllm(model: str, adapters: Mapping[str, Path]) -> str:
     return vllm_command(model, dict(adapters))
 
 
-def describe(settings: ServeSettings) -> dict[str, Any]:
-    return {"host": settings.host, "port": settings.port, "auth": bool(settings.api_key)}
+@contextlib.contextmanager
+def background(app: Any, settings: ServeSettings, *, timeout: float = 60) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread (tests, benchmarks, notebooks); yields its base URL. Port 0
+    picks a free port. The bind rule is checked as for `vlmtune serve`."""
+    import socket
+
+    import uvicorn
+
+    settings.check_bind()
+    port = settings.port
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((settings.host, 0))
+            port = s.getsockname()[1]
+    config = uvicorn.Config(app, host=settings.host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="vlmtune-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server on {settings.host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{settings.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

@@ -16,17 +16,18 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..infer.types import BASE, GenerationSettings
+from ..infer.types import GenerationSettings
 from . import cohort as cohorts
 from .errors import ApiError
 from .sampling import Sampling, choose, logprob_entry
+from .seam import Router, decode_class, engine_encode, engine_lock, model_device, route, row_mismatch
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Scheduler:
         self.steps = 0
         self.peak_rows = 0  # most rows, and most distinct adapters, seen in one decode forward
         self.peak_adapters = 0
+        self.router = Router(engine)
         self.thread = threading.Thread(target=self._loop, name="vlmtune-scheduler", daemon=True)
 
     # -- outside the loop ---------------------------------------------------------------------------------
@@ -136,9 +138,12 @@ class Scheduler:
                 self._iterate()
             except Exception as exc:  # a bug must not leave clients hanging: fail what is in flight
                 self._fail_all(f"internal error in the scheduler ({type(exc).__name__}: {exc})")
+        self.router.close()
         self._fail_all("the server is shutting down.")
 
     def _iterate(self) -> None:
+        if self.commands:
+            self.router.close()
         while self.commands:
             fn, future = self.commands.popleft()
             try:
@@ -149,6 +154,8 @@ class Scheduler:
         self._admit()
         if self.cohorts:
             self._step()
+        if not self.cohorts or self.waiting:
+            self.router.close()
         self._gauge()
 
     def _admit(self) -> None:
@@ -170,6 +177,7 @@ class Scheduler:
         engine = self.engine
         rows = [Row(job, i, job.sampling.generator(i)) for i in range(job.n)]
         model = engine.base_model
+        self.router.close()
         with engine_lock(engine), torch.inference_mode(), route(engine, [job.adapter]):
             logits, group = cohorts.prefill(model, job.encoded, [rows[0]], decode_class(engine, job.adapter))
         group.repeat(job.n)
@@ -194,11 +202,17 @@ class Scheduler:
             tokens = torch.tensor([row.last for row in group.rows], device=model_device(engine))
             adapters = [row.job.adapter for row in group.rows]
             try:
-                with engine_lock(engine), torch.inference_mode(), route(engine, adapters):
-                    logits = cohorts.decode(engine.base_model, group, tokens)
-            except row_mismatch(engine):
+                self.router.enter(adapters)
+                logits = cohorts.decode(engine.base_model, group, tokens)
+            except row_mismatch(engine) as exc:
+                self.router.close(exc)
                 self._split(group)  # a layer saw inputs that are not one per row: one adapter per forward
                 continue
+            except BaseException as exc:
+                self.router.close(exc)
+                raise
+            if len(self.cohorts) > 1:
+                self.router.close()
             self.steps += 1
             self.peak_rows = max(self.peak_rows, len(adapters))
             self.peak_adapters = max(self.peak_adapters, len(set(adapters)))
@@ -340,40 +354,3 @@ def job_for(
         sampling=sampling or Sampling(),
         sink=sink,
     )
-
-
-# -- what the scheduler needs from the engine (one place, so the seam is visible) ---------------------------
-def engine_lock(engine: Any) -> Any:
-    return engine._lock
-
-
-def engine_encode(engine: Any, prepared: Any) -> Any:
-    """Model inputs of one prepared request, on the model's device."""
-    return engine._encode([prepared])
-
-
-def route(engine: Any, adapters: list[str]) -> Any:
-    """The engine's per-row adapter routing for one forward."""
-    return engine._route(adapters)
-
-
-def row_mismatch(engine: Any) -> type[BaseException]:
-    from ..infer.engine import RowMismatch
-
-    return RowMismatch
-
-
-def model_device(engine: Any) -> Any:
-    return engine.base_model.device
-
-
-def decode_class(engine: Any, adapter: str) -> Hashable:
-    """Which adapters' rows may share a decode forward. Decode steps run the language model only, so
-    adapters that change the vision tower or projector mix there; DoRA rows cannot (PEFT's per-row path
-    ignores DoRA's magnitude), nor can anything when the engine was loaded with mixed batches off."""
-    if adapter == BASE:
-        return "mix" if engine.mixed_batches else ("solo", BASE)
-    info = engine.adapters[adapter]
-    if info.use_dora or not engine.mixed_batches:
-        return ("solo", adapter)
-    return "mix"
