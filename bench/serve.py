@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from infer import make_adapters  # noqa: E402  (the same adapters as the inference benchmark)
+from infer import make_adapters  # the same adapters as the inference benchmark
 
 
 def image_url(seed: int) -> str:
@@ -139,7 +139,8 @@ def main() -> None:
 
         # 2: short requests on an idle server, then while long ones keep the batch busy.
         shorts = [(names[i % 8], 1000 + i, 8) for i in range(args.short)]
-        idle = [client.ask(*job)[1] for job in shorts]
+        idle_runs = [client.ask(*job) for job in shorts]
+        idle = [seconds for _, seconds in idle_runs]
         stop = threading.Event()
 
         def keep_busy(k: int) -> None:
@@ -158,6 +159,7 @@ def main() -> None:
             rows_seen.append(scheduler.active_rows)
             answer, seconds = client.ask(*job)
             busy.append(seconds)
+            wrong += answer != idle_runs[len(busy) - 1][0]
         stop.set()
         for t in threads:
             t.join()
@@ -179,7 +181,7 @@ def main() -> None:
         mixed_vs_one_adapter_ratio=round(mixed_thr / single_thr, 2),
         errors=len(errors),
         wrong_answers=wrong,
-        checked_answers=2 * (args.requests + 8),
+        checked_answers=2 * (args.requests + 8) + args.short,
         torch_threads=torch.get_num_threads(),
     )
     report["goals"] = {

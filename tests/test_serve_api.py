@@ -335,3 +335,29 @@ def test_a_client_that_leaves_frees_its_row(setup):
     assert scheduler.active_rows == 0
     metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "vlmtune_requests_total" in metrics and "vlmtune_queue_depth" in metrics
+
+
+def test_mounted_app_without_lifespan_still_serves(setup):
+    """`vlmtune ui` mounts this app inside its own: mounted apps get no lifespan events, so the scheduler
+    starts on first use."""
+    import asyncio
+
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    inner = create_app(setup["engine"], ServeSettings())
+    outer.mount("/", inner)
+    body = {"model": "lm0", "messages": user(PROMPT, None), "max_tokens": MAX_TOKENS, "temperature": 0}
+
+    async def call():
+        transport = httpx.ASGITransport(app=outer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as client:
+            return await client.post("/v1/chat/completions", json=body)
+
+    try:
+        got = asyncio.run(call())
+        assert got.status_code == 200, got.text
+        want = ask(setup["client"], "lm0", None).choices[0].message.content
+        assert got.json()["choices"][0]["message"]["content"] == want
+    finally:
+        inner.state.scheduler.stop()

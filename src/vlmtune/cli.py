@@ -212,7 +212,7 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the base and adapters with an OpenAI-compatible API and continuous batching."""
-    from .infer.engine import parse_adapter_specs
+    from .infer.specs import parse_adapter_specs
     from .serve import ServeSettings
     from .serve.run import print_vllm as vllm_line
     from .serve.run import serve as run_serve

@@ -98,7 +98,7 @@ def create_app(engine: Any, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok" if scheduler.thread.is_alive() else "starting",
+            "status": "ok" if scheduler.thread.is_alive() or scheduler.thread.ident is None else "stopped",
             "adapters": len(engine.adapters),
         }
 
@@ -302,7 +302,7 @@ def create_app(engine: Any, settings: ServeSettings) -> FastAPI:
 def msg_hash(engine: Any, adapter: str) -> str:
     if adapter == BASE:
         return "base:" + str(engine.fingerprint)
-    return str(getattr(engine.adapters[adapter], "sha256", "") or engine.adapters[adapter].path)
+    return engine.adapters[adapter].sha256
 
 
 async def next_event(events: asyncio.Queue, request: Request, job: Job) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ PICKLES = ("adapter_model.bin", "non_lora_trainables.bin")
 
 
 def adapter_hash(info: Any) -> str:
-    return str(getattr(info, "sha256", "") or "")
+    return str(info.sha256)
 
 
 class Describer:
@@ -36,7 +36,7 @@ class Describer:
         self.loaded_at: dict[str, int] = {}
 
     def report(self, info: Any) -> dict[str, Any]:
-        key = adapter_hash(info) or str(info.path)
+        key = adapter_hash(info)
         if key not in self.reports:
             self.reports[key] = inspect_adapter(info.path, base=self.base_folder)
             self.loaded_at[key] = int(time.time())
@@ -45,7 +45,7 @@ class Describer:
     def entry(self, info: Any, base: str) -> dict[str, Any]:
         report = self.report(info)
         lora = report.get("lora", {})
-        key = adapter_hash(info) or str(info.path)
+        key = adapter_hash(info)
         return {
             "id": info.name,
             "object": "model",

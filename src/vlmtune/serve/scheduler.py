@@ -88,7 +88,11 @@ class Scheduler:
 
     # -- outside the loop ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self.thread.start()
+        """Start the loop thread (once). The app's lifespan starts it; `submit` and `call` do too, because a
+        mounted app (`vlmtune ui` mounts this one) gets no lifespan events."""
+        with self.wake:
+            if not self.thread.is_alive() and not self.stopping and self.thread.ident is None:
+                self.thread.start()
 
     def stop(self) -> None:
         with self.wake:
@@ -98,6 +102,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise a 429 when the queue is full."""
+        self.start()
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 raise ApiError(
@@ -112,6 +117,7 @@ class Scheduler:
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` in the loop thread between two steps (adapter loads and unloads)."""
         future: Future = Future()
+        self.start()
         with self.wake:
             self.commands.append((fn, future))
             self.wake.notify_all()
@@ -339,7 +345,7 @@ def job_for(
 ) -> Job:
     """A job for an engine `Request`: checked and rendered by the engine, encoded by its processor
     (`encode(prepared)` may serve it from a cache), with the engine's end-of-turn tokens."""
-    prepared = engine.prepare(request)
+    prepared = engine.prepare(request)[0]
     encoded = encode(prepared) if encode is not None else engine_encode(engine, prepared)
     eos = engine.generation_config(GenerationSettings()).eos_token_id
     return Job(

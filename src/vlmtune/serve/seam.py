@@ -14,21 +14,21 @@ from ..infer.types import BASE
 
 
 def engine_lock(engine: Any) -> Any:
-    return engine._lock
+    return engine.lock
 
 
 def engine_encode(engine: Any, prepared: Any) -> Any:
     """Model inputs of one prepared request, on the model's device."""
-    return engine._encode([prepared])
+    return engine.encode([prepared])
 
 
 def route(engine: Any, adapters: list[str]) -> Any:
     """The engine's per-row adapter routing for one forward."""
-    return engine._route(adapters)
+    return engine.route(adapters)
 
 
 def row_mismatch(engine: Any) -> type[BaseException]:
-    from ..infer.engine import RowMismatch
+    from ..infer.routing import RowMismatch
 
     return RowMismatch
 
