@@ -113,15 +113,15 @@ def test_metrics_report_padding_ratio_and_real_tokens_per_second(runs):
         assert all(log["tokens_per_second"] > 0 for log in step_logs), name
     assert all(r["padding_ratio"] == 0 for r in runs["packed"][1] + runs["budget"][1])
     assert all(r["padding_ratio"] > 0.1 for r in runs["padded"][1])
-    summary = read_manifest(runs["packed"][0] / "adapter").training["batches"]
-    assert summary == {
+    summary = read_manifest(runs["packed"][0] / "adapter").training
+    assert summary["packed"] is True
+    assert {k: summary["config"][k] for k in ("packing", "group_by_length", "max_tokens_per_batch")} == {
         "packing": "on",
-        "packed": True,
         "group_by_length": False,
         "max_tokens_per_batch": None,
     }
-    budget = read_manifest(runs["budget"][0] / "adapter").training["batches"]
-    assert budget["packed"] is True and budget["max_tokens_per_batch"] == 400
+    budget = read_manifest(runs["budget"][0] / "adapter").training
+    assert budget["packed"] is True and budget["config"]["max_tokens_per_batch"] == 400
 
 
 def test_auto_pads_a_family_without_an_exact_path_and_says_so_once(tiny_model, tmp_path, caplog):
@@ -135,7 +135,7 @@ def test_auto_pads_a_family_without_an_exact_path_and_says_so_once(tiny_model, t
     said = [r for r in caplog.records if "packing" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert "falls back to padded batches" in said[0].getMessage()
-    assert read_manifest(run_dir / "adapter").training["batches"]["packed"] is False
+    assert read_manifest(run_dir / "adapter").training["packed"] is False
 
 
 def test_on_is_refused_before_anything_is_written(tiny_model, tmp_path):

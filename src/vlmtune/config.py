@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -90,7 +91,16 @@ class TrainConfig:
     max_tokens_per_batch: int | None = None
     # Steps (>= 1) or a ratio of all steps (< 1), as transformers' `warmup_steps`.
     warmup: float = 0.0
-    scheduler: str = "cosine"
+    # transformers' schedulers that need no extra arguments.
+    scheduler: Literal[
+        "cosine",
+        "linear",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
+    ] = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -188,14 +198,19 @@ class TrainConfig:
 
 
 def load_train_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    source: TrainConfig | str | Path | dict[str, Any] | None = None, overrides: Sequence[str] = ()
 ) -> TrainConfig:
-    """Read a YAML config (or start from defaults), apply `key=value` overrides, type-check, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        data = read_yaml(path)
-    data = apply_overrides(data, overrides)
-    return from_dict(TrainConfig, data).validate()
+    """A validated TrainConfig from a YAML path, a dict or a TrainConfig (or the defaults), with `key=value`
+    overrides applied and every key type-checked."""
+    if isinstance(source, TrainConfig):
+        data = to_dict(source)
+    elif isinstance(source, dict):
+        data = source
+    elif source is None:
+        data = {}
+    else:
+        data = read_yaml(source)
+    return from_dict(TrainConfig, apply_overrides(data, overrides)).validate()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -213,7 +228,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """`a.b=value` sets data['a']['b']; the value is parsed as YAML (`lr=2e-4`, `lora.targets=[a, b]`)."""
     out = _deep_copy(data)
     for item in overrides:

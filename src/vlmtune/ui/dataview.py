@@ -74,11 +74,11 @@ def spans(
 
 
 def render_rows(run: Run, split: str = "train", start: int = 0, count: int = 4) -> dict[str, Any]:
+    from ..config import load_train_config
     from ..data.collate import Collator, Item
     from ..data.formats import parse_row, read_rows, to_messages
-    from ..training.recipe import resolve_config
 
-    cfg = resolve_config(run.path / "config.yaml")
+    cfg = load_train_config(run.path / "config.yaml")
     path = data_file(run, cfg, split)
     processor = run_processor(cfg)
     collator = Collator(processor, loss_on=cfg.data.loss_on, max_length=None, seed=cfg.seed)
