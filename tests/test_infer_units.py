@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmtune.conversation import Conversation, ConversationError, Message, from_placeholders, from_request
+from vlmtune.errors import VlmtuneError
 from vlmtune.infer.batching import Row, mix_class, plan
 from vlmtune.infer.types import BASE, GenerationSettings, canonical_adapter
 
@@ -30,7 +31,7 @@ def test_base_rows_alone_and_one_adapter_at_a_time():
     solo = {"a": mix_class("a", False), "b": mix_class("b", False)}
     spec = [("a", "p", False), (BASE, "p", False), ("b", "p", False), ("a", "p", False)]
     assert plan(rows(spec), solo, batch_size=8) == [[0, 3], [2], [1]]
-    with pytest.raises(ValueError):
+    with pytest.raises(VlmtuneError, match="batch size must be at least 1"):
         plan(rows(spec), solo, batch_size=0)
 
 

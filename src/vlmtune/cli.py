@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -25,17 +25,19 @@ app = typer.Typer(
 def tiny(
     family: Annotated[str, typer.Argument(help=" | ".join(families.FAMILIES))],
     out_dir: Annotated[Path, typer.Argument(help="folder to write (must not exist or be empty)")],
-    seed: Annotated[int, typer.Option(help="seed for weights")] = 0,
-    size: Annotated[str, typer.Option(help="tiny (~0.3 M params) | small (~25 M params)")] = "tiny",
+    seed: Annotated[int | None, typer.Option(help="seed for weights")] = None,
+    size: Annotated[str | None, typer.Option(help="tiny (~0.3 M params) | small (~25 M params)")] = None,
     layout: Annotated[
-        str, typer.Option(help="original (hub names, as save_pretrained) | runtime")
-    ] = "original",
+        str | None, typer.Option(help="original (hub names, as save_pretrained) | runtime")
+    ] = None,
     max_shard_size: Annotated[str | None, typer.Option(help="split weights into shards, e.g. 200KB")] = None,
 ) -> None:
     """Write a tiny random checkpoint folder of a family (for tests, demos and benchmarks)."""
     from . import tiny as tiny_mod
 
-    out = tiny_mod.write(family, out_dir, size=size, seed=seed, layout=layout, max_shard_size=max_shard_size)
+    out = tiny_mod.write(
+        family, out_dir, **given(size=size, seed=seed, layout=layout, max_shard_size=max_shard_size)
+    )
     typer.echo(f"wrote {out}")
 
 
@@ -61,8 +63,8 @@ def merge(
         typer.Option(help="adapter folder (PEFT or LLaVA format); repeat to merge several, in order"),
     ],
     out: Annotated[Path, typer.Option(help="output folder (written atomically)")],
-    dtype: Annotated[str, typer.Option(help="auto (the base's) | bf16 | fp16 | fp32")] = "auto",
-    max_shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB, 500MB")] = "5GB",
+    dtype: Annotated[str | None, typer.Option(help="auto (the base's) | bf16 | fp16 | fp32")] = None,
+    max_shard_size: Annotated[str | None, typer.Option(help="largest output shard, e.g. 5GB, 500MB")] = None,
     verify: Annotated[
         bool, typer.Option(help="compare logits with base + adapter un-merged (imports torch/PEFT)")
     ] = False,
@@ -75,8 +77,7 @@ def merge(
         base,
         adapter,
         out,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
+        **given(dtype=dtype, max_shard_size=max_shard_size),
         verify=verify,
         overwrite=overwrite,
         progress=lambda shard: typer.echo(f"wrote {shard}", err=True),
@@ -103,18 +104,18 @@ def predict(
     data: Annotated[Path, typer.Option(help="JSON/JSONL/parquet/datasets folder: messages+images or LLaVA")],
     out: Annotated[Path, typer.Option(help="predictions JSONL to write")],
     adapter: AdapterOption = None,
-    batch_size: Annotated[int, typer.Option(help="rows per forward")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="cap on generated tokens per row")] = 128,
+    batch_size: Annotated[int | None, typer.Option(help="rows per forward")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens per row")] = None,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
-    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling")] = None,
     top_k: Annotated[int | None, typer.Option(help="top-k sampling")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu | cuda | cuda:N | auto (default: cuda if present)")
     ] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -123,15 +124,17 @@ def predict(
     from .infer.predict import predict as run_predict
     from .infer.specs import parse_adapter_specs
 
-    settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, top_k, seed=seed)
+    settings = GenerationSettings(
+        **given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        do_sample=sample,
+    )
     summary = run_predict(
         model,
         parse_adapter_specs(adapter or []),
         data,
         out,
-        batch_size=batch_size,
+        **given(batch_size=batch_size, dtype=dtype),
         settings=settings,
-        dtype=dtype,
         device=device,
         quantization=quantization,
         progress=progress,
@@ -145,17 +148,18 @@ def chat(
     adapter: AdapterOption = None,
     image: Annotated[str | None, typer.Option(help="an image for the first message")] = None,
     use: Annotated[str | None, typer.Option(help="adapter to start with (default: the first)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="cap on generated tokens per reply")] = 512,
+    max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens per reply")] = None,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
-    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
 ) -> None:
     """Chat in the terminal with images; /adapter NAME switches adapters, /image PATH attaches an image."""
-    from .infer import GenerationSettings
-    from .infer.chat import start_chat
+    from dataclasses import replace
+
+    from .infer.chat import CHAT_SETTINGS, start_chat
     from .infer.specs import parse_adapter_specs
 
     start_chat(
@@ -163,8 +167,12 @@ def chat(
         parse_adapter_specs(adapter or []),
         adapter=use,
         image=image,
-        settings=GenerationSettings(max_new_tokens, sample, temperature, top_p),
-        dtype=dtype,
+        settings=replace(
+            CHAT_SETTINGS,
+            **given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
+            do_sample=sample,
+        ),
+        **given(dtype=dtype),
         device=device,
         quantization=quantization,
     )
@@ -295,14 +303,14 @@ def data_check(
     max_length: Annotated[
         int | None, typer.Option(help="with --model: count rows truncated at this length")
     ] = None,
-    loss_on: Annotated[str, typer.Option(help="assistant | all")] = "assistant",
+    loss_on: Annotated[str | None, typer.Option(help="assistant | all")] = None,
     show: Annotated[int, typer.Option(help="print at most this many row errors")] = 100,
 ) -> None:
     """Check every row as `vlmtune train` does (structure, images, tokens); exit 2 when any row is invalid."""
     from .data.check import check_data, processor_for, render
 
     processor = processor_for(model) if model is not None else None
-    report = check_data(file, processor=processor, max_length=max_length, loss_on=loss_on)
+    report = check_data(file, processor=processor, max_length=max_length, **given(loss_on=loss_on))
     render(report, show=show, echo=typer.echo)
     if report.invalid_rows:
         raise VlmtuneError(
@@ -312,11 +320,9 @@ def data_check(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="folder for the demo (replaced on every run)")] = Path(
-        "runs/demo"
-    ),
-    steps: Annotated[int, typer.Option(help="training steps")] = 800,
-    seed: Annotated[int, typer.Option(help="seed for data, model and training")] = 0,
+    out: Annotated[Path | None, typer.Option(help="folder for the demo (replaced on every run)")] = None,
+    steps: Annotated[int | None, typer.Option(help="training steps")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for data, model and training")] = None,
 ) -> None:
     """The life cycle on a tiny Qwen2-VL: predict, train, predict un-merged, merge, reload (report.json)."""
     from transformers.utils import logging as hf_logging
@@ -325,7 +331,7 @@ def demo(
 
     _console_logging()
     hf_logging.disable_progress_bar()  # the demo loads and saves tiny models often: keep its output readable
-    report = run_demo(out, steps=steps, seed=seed)
+    report = run_demo(**given(out=out, steps=steps, seed=seed))
     typer.echo(json.dumps(report, indent=2))
 
 
@@ -351,7 +357,7 @@ def ui(
     merge_dir: Annotated[
         Path | None, typer.Option(help="allow merges from the page, written only under this folder")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
 ) -> None:
     """A local web dashboard: runs with live curves, data as the model sees it, adapters side by side, merges."""
@@ -367,10 +373,16 @@ def ui(
         token=token,
         merge_dir=merge_dir,
     )
-    run_ui(settings, device=device, dtype=dtype)
+    run_ui(settings, device=device, **given(dtype=dtype))
 
 
 # --- end ui ---
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user set: the rest are left to the library function, whose signature is the one
+    place a default is written."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def main() -> None:

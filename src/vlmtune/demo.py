@@ -168,6 +168,8 @@ def run_demo(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the whole demo and write `out/report.json`; returns the report."""
+    if steps < 1:
+        raise VlmtuneError(f"--steps must be at least 1 (got {steps}).")
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

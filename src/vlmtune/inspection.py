@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, families, modeling
+from .errors import VlmtuneError
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:
@@ -64,6 +65,8 @@ def inspect_path(path: str | Path, base: str | Path | None = None) -> dict[str, 
         from .adapters.inspect import inspect_adapter
 
         return inspect_adapter(folder, base=base)
+    if base is not None:
+        raise VlmtuneError(f"--base checks an adapter against a base, but {path} is not an adapter folder.")
     return inspect_model(path)
 
 

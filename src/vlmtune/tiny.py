@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import families
+from .errors import VlmtuneError
 from .fsutil import atomic_dir
 
 SIZES = ("tiny", "small")
@@ -88,10 +89,10 @@ def build(
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}.")
+        raise VlmtuneError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}.")
     family = families.get(family_name)
     if tied and not family.can_tie_embeddings:
-        raise ValueError(f"{family.name} models cannot tie lm_head to the input embeddings.")
+        raise VlmtuneError(f"{family.name} models cannot tie lm_head to the input embeddings.")
     spec = families.tiny_spec(family_name)
     tokenizer = train_tokenizer(spec.special_tokens)  # same vocabulary whatever the weight seed
     configure_tokenizer(tokenizer, spec)
@@ -126,7 +127,11 @@ def write(
     from transformers import GenerationConfig
 
     if layout not in ("original", "runtime"):
-        raise ValueError(f"unknown layout {layout!r}; choose 'original' or 'runtime'.")
+        raise VlmtuneError(f"unknown layout {layout!r}; choose 'original' or 'runtime'.")
+    if max_shard_size is not None:
+        from .merging.writer import parse_size
+
+        max_shard_size = parse_size(max_shard_size)  # one reading of sizes (and its one-line error)
     model, processor = build(family_name, size, seed, overrides, tied)
     tokenizer = processor.tokenizer
     model.generation_config = GenerationConfig(

@@ -87,6 +87,8 @@ def check_data(
     batch_size: int = 16,
 ) -> DataReport:
     """Check every row of `path`; see the module docstring for what each pass catches."""
+    if loss_on not in ("assistant", "all"):
+        raise VlmtuneError(f"loss_on must be assistant or all (got {loss_on!r}).")
     report = DataReport(source=str(path), max_length=max_length)
     errors_by_row: dict[str, list[RowError]] = {}
     parsed: list[Sample] = []

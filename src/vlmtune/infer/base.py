@@ -6,6 +6,7 @@ headers before `load_model` spends time and memory on the weights.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,10 @@ def load_model(
             compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = quant.bnb_config(quantization, spec.family, compute)
         kwargs["dtype"] = compute
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise VlmtuneError(f"unknown device {device!r}; choose cpu, cuda, cuda:N or auto.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VlmtuneError(f"--device {device}: this machine has no CUDA GPU; use --device cpu.")
     if device == "auto":
         kwargs["device_map"] = "auto"
     elif device != "cpu":

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
+from ..errors import VlmtuneError
 from .types import BASE
 
 
@@ -36,7 +37,7 @@ def plan(rows: Sequence[Row], classes: dict[str, Hashable], batch_size: int) -> 
     """Batches (lists of row indices) covering every row once. `classes[name]` is the mix class of each
     adapter; base rows join the first mixable batch of their kind, or form their own."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1 (got {batch_size}).")
+        raise VlmtuneError(f"batch size must be at least 1 (got {batch_size}).")
     buckets: dict[tuple[str, bool, Hashable], list[int]] = {}
     base_rows: dict[tuple[str, bool], list[int]] = {}
     for row in rows:

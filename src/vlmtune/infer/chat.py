@@ -33,6 +33,10 @@ def make_streamer(tokenizer: Any, out: TextIO) -> Any:
     return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+# Replies in a chat run longer than predictions (GenerationSettings' default is for short answers).
+CHAT_SETTINGS = GenerationSettings(max_new_tokens=512)
+
+
 class ChatSession:
     """The state of one chat: adapter, conversation, images waiting for the next message."""
 
@@ -41,7 +45,7 @@ class ChatSession:
     ):
         self.engine = engine
         self.adapter = engine.check_adapter(adapter)
-        self.settings = settings or GenerationSettings(max_new_tokens=512)
+        self.settings = settings or CHAT_SETTINGS
         self.history: list[dict[str, Any]] = []
         self.pending: list[Any] = []
 

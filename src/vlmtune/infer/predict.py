@@ -82,6 +82,8 @@ def predict(
     A row's `adapter` field picks its adapter; without it, every row runs under every adapter (or the
     base when there are none). The data is read and checked before the model is loaded.
     """
+    if batch_size < 1:
+        raise VlmtuneError(f"--batch-size must be at least 1 (got {batch_size}).")
     rows = read_prompts(data)
     engine = load(model, adapters, dtype=dtype, device=device, quantization=quantization)
     return run_predictions(engine, rows, out, batch_size=batch_size, settings=settings, progress=progress)
