@@ -12,7 +12,8 @@ from transformers.trainer_utils import SchedulerType
 
 from vlmtune import families
 from vlmtune.config import ConfigError, TrainConfig, load_train_config, to_dict
-from vlmtune.data import DataReport, Sample, Turn
+from vlmtune.conversation import Conversation, Message, Part, from_placeholders
+from vlmtune.data import DataReport, Sample
 from vlmtune.data.split import require_batchable, split_eval
 from vlmtune.errors import VlmtuneError
 from vlmtune.training.arguments import Precision, training_arguments
@@ -91,11 +92,9 @@ def test_summary_records_every_config_field():
 
 
 def sample(i: int, images: bool = True) -> Sample:
-    return Sample(
-        where=f"t.jsonl line {i}",
-        turns=(Turn("user", "<image>q" if images else "q"), Turn("assistant", "a")),
-        images=(f"{i}.png",) if images else (),
-    )
+    user = Message("user", from_placeholders("<image>q" if images else "q"))
+    answer = Message("assistant", (Part("text", "a"),))
+    return Sample(Conversation((user, answer), (Path(f"{i}.png"),) if images else ()), where=f"t.jsonl line {i}")
 
 
 def test_eval_split_is_seeded_disjoint_and_keeps_file_order():
