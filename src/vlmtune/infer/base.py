@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint, families
+from ..errors import VlmtuneError
 from ..io import dtypes
 from . import quant
 
