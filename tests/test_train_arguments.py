@@ -94,7 +94,9 @@ def test_summary_records_every_config_field():
 def sample(i: int, images: bool = True) -> Sample:
     user = Message("user", from_placeholders("<image>q" if images else "q"))
     answer = Message("assistant", (Part("text", "a"),))
-    return Sample(Conversation((user, answer), (Path(f"{i}.png"),) if images else ()), where=f"t.jsonl line {i}")
+    return Sample(
+        Conversation((user, answer), (Path(f"{i}.png"),) if images else ()), where=f"t.jsonl line {i}"
+    )
 
 
 def test_eval_split_is_seeded_disjoint_and_keeps_file_order():
