@@ -84,12 +84,6 @@ class AdapterRegistry:
     def model(self) -> Any:
         return self.base_model if self.peft is None else self.peft
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._loaded
-
-    def __len__(self) -> int:
-        return len(self._loaded)
-
     def names(self) -> list[str]:
         return list(self._loaded)
 
@@ -225,12 +219,6 @@ class AdapterRegistry:
         """Make `name` (a loaded adapter) PEFT's active adapter, unless PEFT says it already is."""
         if self.peft.active_adapters != [peft_name(name)]:
             self.peft.set_adapter(peft_name(name), inference_mode=True)
-
-    def peft_names(self) -> list[str]:
-        """The adapters PEFT itself holds (by our names): equal to `names()` at every moment."""
-        if self.peft is None:
-            return []
-        return [n[len(PEFT_PREFIX) :] for n in self.peft.peft_config]
 
     def mix_class(self, name: str, mixed_batches: bool) -> Any:
         from .batching import mix_class
