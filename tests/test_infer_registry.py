@@ -63,8 +63,17 @@ def test_remove_adapter_detaches_it_and_the_name_can_be_reused(llava):
     base_before, b_before = logits(engine, BASE), logits(engine, "b")
     sha_a = engine.adapters["a"].sha256
     assert lora_names(engine) == {"ad_a", "ad_b"}
+    early = engine.prepare([Request(TEXT_PROMPT, [], "a")])
+    assert early[0].sha256 == sha_a
 
     engine.remove_adapter("a")
+    with pytest.raises(
+        InferenceError, match=r"adapter\(s\) a were removed or replaced .* prepare them again"
+    ):
+        engine.encode(early)
+    removed = engine.route(["a", "b"])
+    with pytest.raises(InferenceError, match=r"adapter\(s\) a were removed after these rows were prepared"):
+        removed.__enter__()
     assert list(engine.adapters) == ["b"]
     assert list(engine.peft.peft_config) == ["ad_b"] and lora_names(engine) == {"ad_b"}
     assert engine.default_adapter is None
@@ -78,6 +87,9 @@ def test_remove_adapter_detaches_it_and_the_name_can_be_reused(llava):
 
     info = engine.add_adapter("a", llava["c"])  # the same name, another folder
     assert info.path == llava["c"] and info.sha256 != sha_a
+    with pytest.raises(InferenceError, match="removed or replaced"):
+        engine.encode(early)  # rows prepared for the old 'a' never run under the new one
+    assert engine.prepare([Request(TEXT_PROMPT, [], "a")])[0].sha256 == info.sha256
     assert same(logits(engine, "a"), reference(llava, "c"))
     assert not same(logits(engine, "a"), reference(llava, "a"))
     mixed = engine.logits([Request(IMAGE_PROMPT, [image(0)], n) for n in ("a", "b", BASE)])

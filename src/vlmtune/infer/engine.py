@@ -31,7 +31,7 @@ from .processors import Processors
 from .registry import AdapterRegistry
 from .routing import route, run_batches
 from .specs import name_adapters
-from .types import AdapterInfo, Generation, GenerationSettings, InferenceError, Prepared, Request
+from .types import BASE, AdapterInfo, Generation, GenerationSettings, InferenceError, Prepared, Request
 
 
 class Engine:
@@ -135,7 +135,7 @@ class Engine:
             text = self.processors[key].apply_chat_template(
                 chat.to_template(), add_generation_prompt=True, tokenize=False
             )
-            out.append(Prepared(adapter, key, text, list(chat.images)))
+            out.append(Prepared(adapter, key, text, list(chat.images), self.registry.sha256(adapter)))
         return out
 
     def plan(
@@ -157,6 +157,19 @@ class Engine:
         if len(keys) != 1:
             raise InferenceError(
                 "rows rendered by different processors cannot be encoded together; plan() them."
+            )
+        stale = sorted(
+            {
+                p.adapter
+                for p in rows
+                if p.adapter != BASE
+                and (p.adapter not in self.adapters or self.registry.sha256(p.adapter) != p.sha256)
+            }
+        )
+        if stale:
+            raise InferenceError(
+                f"adapter(s) {', '.join(stale)} were removed or replaced after these rows were prepared; "
+                "prepare them again."
             )
         processor = self.processors[keys.pop()]
         has_images = any(p.images for p in rows)

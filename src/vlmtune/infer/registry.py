@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ class AdapterRegistry:
                 f"no adapter called {name!r} is loaded (loaded: {loaded}; {BASE} runs the base)."
             )
         return name
+
+    def require(self, names: Iterable[str]) -> None:
+        """Fail in one sentence when a name (of rows prepared earlier) is no longer loaded."""
+        gone = sorted({n for n in names if n != BASE and n not in self._loaded})
+        if gone:
+            raise InferenceError(f"adapter(s) {', '.join(gone)} were removed after these rows were prepared.")
+
+    def sha256(self, name: str) -> str | None:
+        """The loaded adapter's content hash (None for the base)."""
+        return None if name == BASE else self._loaded[name].info.sha256
 
     def processor_key(self, name: str) -> str:
         return BASE_KEY if name == BASE else self._loaded[name].processor

@@ -39,6 +39,7 @@ def route(registry: AdapterRegistry, adapters: Sequence[str]) -> Iterator[None]:
     row of the batch). A `RowMismatch` leaving the block has already marked the adapters concerned as not
     mixable, so replanning the rows (`Engine.plan`) groups them apart."""
     distinct = list(dict.fromkeys(adapters))
+    registry.require(distinct)
     if distinct == [BASE]:
         with registry.peft.disable_adapter() if registry.peft is not None else contextlib.nullcontext():
             yield

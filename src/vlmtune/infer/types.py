@@ -69,13 +69,15 @@ class Request:
 @dataclass
 class Prepared:
     """A request checked and rendered, the unit `Engine.encode` batches: the adapter it runs under (a
-    loaded name or BASE), the key of the processor that renders and encodes it, the prompt text, and its
-    images (decoded PIL images, or still their sources when prepared with `policy=None`)."""
+    loaded name or BASE), the key of the processor that renders and encodes it, the prompt text, its
+    images (decoded PIL images, or still their sources when prepared with `policy=None`), and the
+    adapter's content hash (what caches of derived results are keyed by)."""
 
     adapter: str
     processor: str
     text: str
     images: list[Any]
+    sha256: str | None = None  # the adapter's content hash when prepared (None: the base)
 
 
 @dataclass
