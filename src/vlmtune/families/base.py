@@ -174,6 +174,10 @@ class Family:
     # family has no exact packed path; then `packing_unsupported` says why. Packing also assumes the
     # processor's non-token tensors (pixels, grids, sizes) concatenate along dim 0 across samples.
     packed_positions: str = ""
+    # Runtime paths of the ModuleLists whose children are the model's blocks (decoder layers, vision
+    # blocks): FSDP2 shards each child as its own unit, whatever its class (see vlmtune.training.distributed).
+    # Blocks, never leaves: sharding a vision tower's Embedding alone breaks some forwards.
+    block_lists: tuple[str, ...] = ()
     rope_index_model: str = ""
     packing_unsupported: str = "vlmtune has no verified exact packed path for it"
 

@@ -30,6 +30,7 @@ FAMILY = Family(
     name="llava",
     model_types=("llava",),
     architecture="LlavaForConditionalGeneration",
+    block_lists=("model.language_model.layers", "model.vision_tower.encoder.layers"),
     role_prefixes=(
         ("projector", "model.multi_modal_projector"),
         ("projector", "model.image_newline"),

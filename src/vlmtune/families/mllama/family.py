@@ -24,6 +24,11 @@ FAMILY = Family(
     name="mllama",
     model_types=("mllama",),
     architecture="MllamaForConditionalGeneration",
+    block_lists=(
+        "model.language_model.layers",
+        "model.vision_model.transformer.layers",
+        "model.vision_model.global_transformer.layers",
+    ),
     role_prefixes=(
         ("projector", "model.multi_modal_projector"),
         ("vision", "model.vision_model"),

@@ -28,6 +28,7 @@ FAMILY = Family(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
     architecture="Qwen2VLForConditionalGeneration",
+    block_lists=("model.language_model.layers", "model.visual.blocks"),
     role_prefixes=ROLE_PREFIXES,
     lora_target_patterns={
         "language": decoder_targets("model.language_model.layers"),
