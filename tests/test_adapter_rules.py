@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_infer_fixtures import IMAGE_PROMPT, TEXT_PROMPT, image, make_adapter, peft_logits
+from test_infer_fixtures import IMAGE_PROMPT, TEXT_PROMPT, image, make_adapter, peft_logits, to_llava_format
 from vlmtune.adapters.inspect import inspect_adapter
 from vlmtune.adapters.manifest import BaseInfo, Manifest
 from vlmtune.adapters.rules import RULES
@@ -50,7 +50,8 @@ def unmergeable_conv(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # row -> (base family, how the folder is made from the plain adapters, unmerged verdict, merge verdict)
 # Folders are built by `build` below from: plain (LM LoRA), head (LoRA on lm_head: PEFT saves its base
 # weight beside it), conv (LoRA on the vision patch embedding), biased (bias='all'), nobias (lora_bias on
-# o_proj, which has no bias), dora_embed (DoRA on the embeddings and q_proj).
+# o_proj, which has no bias), dora_embed (DoRA on the embeddings and q_proj), tied_embed (LoRA on the
+# embeddings of a base with tied embeddings), llava_output (a LLaVA training output: LoRA + projector).
 MATRIX = {
     "plain": ("qwen2_vl", "plain", None, "accept", "accept"),
     "fan_in_fan_out_on_linear": ("qwen2_vl", "plain", {"fan_in_fan_out": True}, "refuse", "refuse"),
@@ -67,6 +68,18 @@ MATRIX = {
     "lora_bias_without_base_bias": ("qwen2_vl", "nobias", None, "accept", "refuse"),
     "unmergeable_conv_kernel": ("qwen2_vl", "conv_bad", None, "refuse", "refuse"),
     "dora_on_embeddings": ("qwen2_vl", "dora_embed", None, "accept", "accept"),
+    "dora_magnitude_of_another_size": ("qwen2_vl", "dora_bad", None, "refuse", "refuse"),
+    "ensure_weight_tying_on_tied_base": (
+        "tied",
+        "tied_embed",
+        {"ensure_weight_tying": True},
+        "refuse",
+        "refuse",
+    ),
+    "lora_on_tied_embeddings": ("tied", "tied_embed", None, "accept", "accept"),
+    "foreign_format_output": ("llava", "llava_output", None, "accept", "accept"),
+    "foreign_format_on_another_family": ("qwen2_vl", "llava_output", None, "refuse", "refuse"),
+    "foreign_format_settings_mismatch": ("llava", "llava_output_linear", None, "refuse", "refuse"),
 }
 
 
@@ -98,6 +111,22 @@ def folders(tiny_model, tmp_path_factory):
             qwen, root / "dora_embed", seed=65, target_modules=["embed_tokens", "q_proj"], use_dora=True
         ),
     }
+
+    def short_magnitude(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        key = next(k for k in t if k.endswith("q_proj.lora_magnitude_vector"))
+        return {**t, key: t[key][:-8]}
+
+    out["dora_bad"] = edit(out["dora_embed"], root / "dora_bad", tensors=short_magnitude)
+    tied = tiny_model("qwen2_vl", overrides={"tie_word_embeddings": True})
+    out["tied"] = tied
+    out["tied_embed"] = make_adapter(
+        tied, root / "tied_embed", seed=66, target_modules=["embed_tokens", "q_proj"]
+    )
+    llava_peft = make_adapter(
+        out["llava"], root / "llava_peft", seed=67, modules_to_save=["model.multi_modal_projector"]
+    )
+    out["llava_output"] = to_llava_format(llava_peft, root / "llava_output")
+    out["llava_output_linear"] = to_llava_format(llava_peft, root / "llava_linear", projector_type="linear")
     # a manifest naming a qwen2_vl base with other weights (and no declared base in adapter_config.json)
     folder = edit(plain, root / "manifest_qwen", config=lambda c: c.pop("base_model_name_or_path"))
     Manifest(
@@ -136,7 +165,8 @@ def test_every_rule_of_the_table_has_a_row():
         "fan_in_fan_out_on_linear": "fan_in_fan_out_on_linear",
         "trained_base_biases": "trained_base_biases",
         "changed_base_weight_copy": "changed_base_copy",
-        "ensure_weight_tying": None,  # needs a tied base: tests/test_merge_refusals.py
+        "ensure_weight_tying": "ensure_weight_tying_on_tied_base",
+        "foreign_format_mismatch": "foreign_format_on_another_family",
         "lora_bias_without_base_bias": "lora_bias_without_base_bias",
         "unmergeable_conv_kernel": "unmergeable_conv_kernel",
         "trained_on_other_weights": "manifest_of_other_weights",

@@ -228,15 +228,6 @@ def read_adapter(
     ctx = rules.Context(found, family, base_params, dict(base_config or {}), base_fingerprint, base_values)
     findings = rules.evaluate("files", ctx)
     rules.enforce(findings, use)
-    if found.foreign is not None:
-        if found.foreign not in family.foreign_formats:
-            owner = found.foreign_family.name if found.foreign_family else "another"
-            raise AdapterFormatError(
-                f"{folder} is {found.foreign.what}, but the base is a {family.name} model; such outputs load "
-                f"onto a {owner} base."
-            )
-        if found.foreign.check is not None:
-            found.foreign.check(found.foreign_config, dict(base_config or {}), base_params, folder)
     placements = place(tensors, family, base_params, source=str(folder))
     adapter = Adapter(
         folder, found.format, config, {}, {}, {p.layout for p in placements}, manifest, found.files
@@ -317,6 +308,14 @@ def build_modules(
             tuple(base_params[f"{module}.weight"]),
             bool(config.get("fan_in_fan_out")),
         )
+        check_sizes(
+            source,
+            written[module],
+            kind,
+            tuple(base_params[f"{module}.weight"]),
+            bool(config.get("fan_in_fan_out")),
+            {"DoRA magnitude": slots.get("lora_magnitude_vector"), "lora_B bias": slots.get("lora_B.bias")},
+        )
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         adapter.lora[module] = LoraModule(
             module,
@@ -358,6 +357,25 @@ def check_shapes(
             f"lora_B {tuple(B.shape)}), but the base's {module} is {want_in} -> {want_out} (weight {weight}); "
             "the adapter was made for another base size. Pass the base it was trained on."
         )
+
+
+def check_sizes(
+    source: str,
+    written: str,
+    kind: str,
+    weight: tuple[int, ...],
+    fan_in_fan_out: bool,
+    extras: Mapping[str, TensorRecord | None],
+) -> None:
+    """A DoRA magnitude and a LoRA bias hold one value per output feature of the layer (an embedding's
+    magnitude: one per embedding dimension); a wrong count is another base's adapter, for every use."""
+    want = weight[1] if kind == "embedding" or (kind == "linear" and fan_in_fan_out) else weight[0]
+    for what, t in extras.items():
+        if t is not None and t.numel != want:
+            raise AdapterKeyError(
+                f"{source}: {written} has a {what} of shape {tuple(t.shape)}, but the base layer (weight "
+                f"{weight}) has {want} output features; the adapter was made for another base size."
+            )
 
 
 def base_params_from_folder(

@@ -163,6 +163,25 @@ def _fan_in_fan_out_linear(ctx: Context) -> Iterator[str]:
         )
 
 
+def _foreign_format(ctx: Context) -> Iterator[str]:
+    """A folder in a tool's own format (declared by a family, e.g. LLaVA training outputs) loads onto that
+    family's bases only, and only when the tool's settings fit the base (the format's own check)."""
+    foreign = ctx.files.foreign
+    if foreign is None:
+        return
+    if foreign not in ctx.family.foreign_formats:
+        owner = ctx.files.foreign_family.name if ctx.files.foreign_family else "another"
+        yield (
+            f"{ctx.where} is {foreign.what}, but the base is a {ctx.family.name} model; such outputs load onto a "
+            f"{owner} base."
+        )
+    elif foreign.check is not None:
+        try:
+            foreign.check(ctx.files.foreign_config, dict(ctx.base_config), ctx.base_params, ctx.where)
+        except VlmtuneError as exc:
+            yield str(exc)
+
+
 def _trained_biases(ctx: Context) -> Iterator[str]:
     bias = ctx.config.get("bias", "none")
     if bias not in (None, "none"):
@@ -197,8 +216,9 @@ def _ensure_weight_tying(ctx: Context) -> Iterator[str]:
         and any(n in tied for n in touched)
     ):
         yield (
-            f"{ctx.where}: ensure_weight_tying=True adapters of tied embeddings are not supported by the merge "
-            "yet; train without ensure_weight_tying (the merge then writes lm_head untied)."
+            f"{ctx.where}: ensure_weight_tying=True adapters of tied embeddings are not supported yet (PEFT then "
+            "expects LoRA factors on lm_head that the file does not hold, and the merge cannot write them tied); "
+            "train without ensure_weight_tying (the merge then writes lm_head untied)."
         )
 
 
@@ -245,10 +265,11 @@ RULES: tuple[Rule, ...] = (
     Rule("base_rewriting_init", "refuse", "refuse", "files", _base_rewriting_init),
     Rule("trained_on_other_family", "refuse", "refuse", "files", _trained_family),
     Rule("declared_base_other_family", "refuse", "refuse", "files", _declared_family),
+    Rule("foreign_format_mismatch", "refuse", "refuse", "files", _foreign_format),
     Rule("fan_in_fan_out_on_linear", "refuse", "refuse", "files", _fan_in_fan_out_linear),
     Rule("trained_base_biases", "refuse", "accept", "files", _trained_biases),
     Rule("changed_base_weight_copy", "refuse", "accept", "placed", _changed_base_copy),
-    Rule("ensure_weight_tying", "accept", "refuse", "placed", _ensure_weight_tying),
+    Rule("ensure_weight_tying", "refuse", "refuse", "placed", _ensure_weight_tying),
     Rule("lora_bias_without_base_bias", "accept", "refuse", "placed", _lora_bias_without_base_bias),
     Rule("unmergeable_conv_kernel", "refuse", "refuse", "placed", _conv_kernel),
     Rule("trained_on_other_weights", "warn", "warn", "placed", _other_base_weights),

@@ -8,7 +8,6 @@ float type.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from ..adapters.rules import AdapterRefusedError
 from ..errors import VlmtuneError
 from ..families import Family
 from ..io import TensorRecord, dtypes
-from . import lora_math
 from .writer import Entry, parse_size, shard_names, split_shards
 
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")
@@ -144,17 +142,7 @@ def validate_lora(m: LoraModule, weight: TensorRecord, adapter: Adapter, bias: T
     ndim = len(weight.shape)  # (conv kernels and lora_bias without a base bias: adapters.rules)
     if m.kind != "conv" and ndim != 2:
         raise MergeError(f"{where}: {m.kind} LoRA on a {ndim}-D weight {weight.shape} cannot be merged.")
-    if m.magnitude is not None:
-        rows = weight.shape[0]
-        cols = math.prod(weight.shape[1:])
-        want = rows if lora_math.is_rowwise(m) else cols
-        if math.prod(m.magnitude.shape) != want:
-            raise MergeError(
-                f"{where}: DoRA magnitude of shape {m.magnitude.shape} does not fit the weight {weight.shape} "
-                f"(expected {want} values); the adapter was made for another base."
-            )
-    if m.bias is not None and bias is not None and math.prod(m.bias.shape) != bias.numel:
-        raise MergeError(f"{where}: lora_B bias {m.bias.shape} does not fit the base bias {bias.shape}.")
+    # (DoRA magnitude and lora_B bias sizes: adapters.reader.check_sizes, for every use)
 
 
 def build_plan(
