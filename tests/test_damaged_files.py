@@ -248,6 +248,13 @@ def test_train_refuses_a_damaged_base(case, corpus, tmp_path, monkeypatch, capsy
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("case", [k for k in BASE_CASES if k.endswith(".json") or "config" in k])
+def test_data_check_refuses_a_damaged_base_config(case, corpus, monkeypatch, capsys):
+    base, _, damaged = corpus(case)
+    code, err = run_cli(["data", "check", str(corpus.data), "--model", str(base)], monkeypatch, capsys)
+    assert_one_line_error(code, err, damaged)
+
+
 @pytest.mark.parametrize(
     ("case", "verb"),
     [("adapter-weights-garbage_header", "merge"), ("adapter-weights-truncated", "inspect-adapter")],

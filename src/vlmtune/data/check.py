@@ -212,9 +212,11 @@ def processor_for(model: str | Path) -> Any:
     """The processor of a base model (folder or hub id), as training loads it."""
     from transformers import AutoProcessor
 
-    from ..checkpoint import resolve
+    from ..checkpoint import read_config, resolve
 
-    return AutoProcessor.from_pretrained(resolve(model))
+    folder = resolve(model)
+    read_config(folder)  # a damaged config or processor/tokenizer config: one line, not a loader traceback
+    return AutoProcessor.from_pretrained(folder)
 
 
 def render(report: DataReport, show: int | None = None, echo: Callable[[str], None] = print) -> None:
