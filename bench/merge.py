@@ -15,6 +15,12 @@ on the projector (`model.visual.merger`). Then, per model and repeat, in a fresh
 Wall time and peak RSS come from `os.wait4` on the process (the peak of the process tree it waited for).
 Reports medians, the ratios the merge issue sets as goals, and the machine load. Deletes the generated
 GBs at the end unless --keep.
+
+    python bench/merge.py --work DIR --keep --against OTHER/src [--repeats 5]
+
+compares two versions of vlmtune instead (this checkout vs the `src` folder of another one, e.g. a
+`git worktree` of main): only `vlmtune merge`, the two alternating on the same models, the order swapped
+every repeat, so machine load hits both alike.
 """
 
 from __future__ import annotations
@@ -125,6 +131,33 @@ def commands(folder: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
+def compare_versions(
+    folder: Path, out: Path, env: dict[str, str], other_src: Path, repeats: int, loads: list[float]
+) -> dict[str, dict[str, object]]:
+    """`vlmtune merge` of this checkout ('this') and of `other_src` ('other'), interleaved."""
+    here = str(Path(__file__).resolve().parents[1] / "src")
+    versions = {"this": here, "other": str(other_src.resolve())}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in versions}
+    for rep in range(repeats):
+        order = list(versions) if rep % 2 == 0 else list(versions)[::-1]
+        for name in order:
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run(["sync"], check=True)
+            loads.append(os.getloadavg()[0])
+            cmd = commands(folder, out)["vlmtune"]
+            runs[name].append(measure(cmd, {**env, "PYTHONPATH": versions[name]}))
+            print(f"  {folder.name} {name} #{rep + 1}: {runs[name][-1][0]:.2f} s, {runs[name][-1][1]:.3f} GB")
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        name: {
+            "seconds": statistics.median(r[0] for r in rs),
+            "peak_rss_gb": statistics.median(r[1] for r in rs),
+            "seconds_all": [round(r[0], 2) for r in rs],
+        }
+        for name, rs in runs.items()
+    }
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -135,6 +168,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--against", type=Path, default=None, help="src folder of another vlmtune to A/B against")
     ap.add_argument("--generate", nargs=2, metavar=("DIR", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
@@ -157,6 +191,11 @@ def main() -> None:
                 )
             size = folder_size(folder / "base")
             subprocess.run(["sync"], check=True)
+            if args.against:
+                results[label] = compare_versions(
+                    folder, work / "out", env, args.against, args.repeats, loads
+                )
+                continue
             runs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("cp", "peft", "vlmtune")}
             for rep in range(args.repeats):
                 for name, cmd in commands(folder, work / "out").items():
@@ -181,6 +220,13 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if args.against:
+        print(
+            json.dumps(
+                {"results": results, "load_average_1min": {"min": min(loads), "max": max(loads)}}, indent=2
+            )
+        )
+        return
     big, small = results["1.4GB"], results["0.8GB"]
     goals = {
         "vlmtune / (cp+sync) <= 4": big["vlmtune"]["seconds"] / big["cp"]["seconds"],

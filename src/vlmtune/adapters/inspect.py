@@ -20,6 +20,7 @@ from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
 from . import rules
 from .layout import candidate_layouts, split_key
+from .manifest import made_for
 from .reader import base_values_from_folder, pattern_value, read_adapter, read_files
 from .rules import declared_family
 
@@ -154,12 +155,6 @@ def base_shapes(base: str | Path) -> tuple[Path, dict[str, Any], dict[str, tuple
         from ..modeling import meta_model
 
         return folder, config, base_params_from_model(meta_model(config))
-
-
-def made_for(config: Mapping[str, Any], manifest: Any) -> str | None:
-    if manifest is not None:
-        return manifest.base.name_or_path
-    return config.get("base_model_name_or_path")
 
 
 def guess_family(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -177,6 +178,13 @@ class MergedManifest:
             raise DamagedFileError(f"{path}: adapters must be a list; {FIX}.")
         data["adapters"] = [build(MergedAdapter, a, path, f"adapters[{i}]") for i, a in enumerate(adapters)]
         return build(cls, data, path)
+
+
+def made_for(adapter_config: Mapping[str, Any], manifest: Manifest | None) -> str | None:
+    """The base an adapter says it was made for: its manifest's, else PEFT's `base_model_name_or_path`."""
+    if manifest is not None:
+        return manifest.base.name_or_path
+    return adapter_config.get("base_model_name_or_path")
 
 
 def read_manifest(folder: str | Path) -> Manifest | None:

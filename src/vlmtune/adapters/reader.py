@@ -24,7 +24,7 @@ from ..families import Family, ForeignFormat
 from ..io import TensorRecord, check_loader_files, read_json, read_tensors
 from . import rules
 from .layout import AdapterKeyError, Placement, place
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, made_for, read_manifest
 from .rules import Finding, Use
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -252,10 +252,8 @@ def build_modules(
     base_params: Mapping[str, tuple[int, ...]],
 ) -> None:
     config = adapter.config
-    made_for = (
-        adapter.manifest.base.name_or_path if adapter.manifest else config.get("base_model_name_or_path")
-    )
-    source = f"{adapter.path} (made for {made_for})" if made_for else str(adapter.path)
+    declared = made_for(config, adapter.manifest)
+    source = f"{adapter.path} (made for {declared})" if declared else str(adapter.path)
     grouped: dict[str, dict[str, TensorRecord]] = {}
     written: dict[str, str] = {}
     for p in placements:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..adapters.manifest import MANIFEST, MergedAdapter, MergedBase, MergedManifest
+from ..adapters.manifest import MANIFEST, MergedAdapter, MergedBase, MergedManifest, made_for
 from ..adapters.reader import Adapter
 from ..io import dtypes, read_json
 from .plan import Plan
@@ -138,17 +138,12 @@ def adapter_record(adapter: Adapter) -> MergedAdapter:
         with open(f, "rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
-    made_for = (
-        adapter.manifest.base.name_or_path
-        if adapter.manifest
-        else adapter.config.get("base_model_name_or_path")
-    )
     return MergedAdapter(
         path=str(adapter.path),
         format=adapter.format,
         key_layouts=sorted(adapter.layouts),
         sha256=h.hexdigest(),
-        made_for=made_for,
+        made_for=made_for(adapter.config, adapter.manifest),
         lora_modules=len(adapter.lora),
         full_tensors=len(adapter.full),
         use_dora=adapter.use_dora,
