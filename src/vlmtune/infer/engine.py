@@ -31,7 +31,7 @@ from .processors import Processors
 from .registry import AdapterRegistry
 from .routing import route, run_batches
 from .specs import name_adapters
-from .types import BASE, AdapterInfo, Generation, GenerationSettings, InferenceError, Prepared, Request
+from .types import AdapterInfo, Generation, GenerationSettings, InferenceError, Prepared, Request
 
 
 class Engine:
@@ -158,19 +158,7 @@ class Engine:
             raise InferenceError(
                 "rows rendered by different processors cannot be encoded together; plan() them."
             )
-        stale = sorted(
-            {
-                p.adapter
-                for p in rows
-                if p.adapter != BASE
-                and (p.adapter not in self.adapters or self.registry.sha256(p.adapter) != p.sha256)
-            }
-        )
-        if stale:
-            raise InferenceError(
-                f"adapter(s) {', '.join(stale)} were removed or replaced after these rows were prepared; "
-                "prepare them again."
-            )
+        self.registry.require_unchanged((p.adapter, p.sha256) for p in rows)
         processor = self.processors[keys.pop()]
         has_images = any(p.images for p in rows)
         images = [[conversation.open_image(src) for src in p.images] for p in rows] if has_images else None

@@ -121,6 +121,18 @@ class AdapterRegistry:
         if gone:
             raise InferenceError(f"adapter(s) {', '.join(gone)} were removed after these rows were prepared.")
 
+    def require_unchanged(self, rows: Iterable[tuple[str, str | None]]) -> None:
+        """Fail when an adapter of (name, content hash) pairs taken at prepare time was removed or replaced
+        by another folder since, so prepared rows never run under other weights than they were rendered for."""
+        stale = sorted(
+            {n for n, sha in rows if n != BASE and (n not in self._loaded or self.sha256(n) != sha)}
+        )
+        if stale:
+            raise InferenceError(
+                f"adapter(s) {', '.join(stale)} were removed or replaced after these rows were prepared; "
+                "prepare them again."
+            )
+
     def sha256(self, name: str) -> str | None:
         """The loaded adapter's content hash (None for the base)."""
         return None if name == BASE else self._loaded[name].info.sha256
