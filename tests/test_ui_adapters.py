@@ -5,7 +5,6 @@ over HTTP writes a verified folder under --merge-dir only, whose logits match PE
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import time
 
@@ -157,9 +156,6 @@ def test_merge_off_without_merge_dir(setup):
     assert refused.status_code == 400 and "--merge-dir" in refused.json()["error"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("vlmtune.serve.app") is None, reason="vlmtune serve's app has not landed yet"
-)
 def test_openai_api_in_the_same_process(setup):
     """With --model, the dashboard also serves `vlmtune serve`'s OpenAI API on the same engine and token:
     the official client's greedy answer equals the side-by-side answer."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 from collections.abc import AsyncIterator
@@ -287,9 +286,9 @@ def create_app(settings: UiSettings, engine: Any = None) -> Any:
 
 
 def openai_app(engine: Any, settings: UiSettings) -> Any:
-    """`vlmtune serve`'s OpenAI-compatible app over the same engine (same process, same scheduler rules),
-    keyed by the dashboard's token; None without an engine (or before `vlmtune.serve.app` exists)."""
-    if engine is None or importlib.util.find_spec("vlmtune.serve.app") is None:
+    """`vlmtune serve`'s OpenAI-compatible app over the same engine (same process, its continuous-batching
+    scheduler), keyed by the dashboard's token; None without an engine."""
+    if engine is None:
         return None
     from ..serve import ServeSettings
     from ..serve import create_app as serve_app
