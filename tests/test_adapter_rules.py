@@ -227,3 +227,18 @@ def test_predict_merge_and_inspect_agree(row, folders, tmp_path):
         close(unmerged, merged)
     elif got is not None:
         close(got, peft_reference(base, folder))
+
+
+def test_inspect_without_a_base_checks_the_folders_own_settings(folders, tmp_path):
+    """With no --base, the rules that read the folder alone still give their verdicts; those that need the
+    base (family, foreign format) are left to --base, so a LLaVA output is not refused for want of one."""
+    fifo = edit(folders["plain"], tmp_path / "fifo", config=lambda c: c.update(fan_in_fan_out=True))
+    report = inspect_adapter(fifo)["rules"]
+    assert report["checked"].startswith("without a base")
+    assert (report["unmerged"]["verdict"], report["merge"]["verdict"]) == ("refuse", "refuse")
+    assert [f["rule"] for f in report["findings"]] == ["fan_in_fan_out_on_linear"]
+    biased = inspect_adapter(folders["biased"])["rules"]
+    assert (biased["unmerged"]["verdict"], biased["merge"]["verdict"]) == ("refuse", "accept")
+    for clean in ("plain", "llava_output"):
+        report = inspect_adapter(folders[clean])["rules"]
+        assert report["findings"] == [] and report["merge"]["verdict"] == "accept", clean

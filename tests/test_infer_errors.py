@@ -164,18 +164,18 @@ def test_quantization_says_what_the_platform_lacks(qwen):
 def test_a_key_peft_does_not_take_fails_the_load(qwen, monkeypatch):
     """The load is checked after PEFT has the state dict: a LoRA tensor PEFT did not place (here: one left
     out of the state dict) fails loudly instead of PEFT's warning about missing keys."""
-    from vlmtune.adapters.reader import Adapter
+    from vlmtune.adapters import peft_bridge
 
     base, good = qwen
     engine = load(base, device="cpu")
-    state_dict = Adapter.peft_state_dict
+    state_dict = peft_bridge.peft_state_dict
 
-    def without_one(self):
-        state = state_dict(self)
+    def without_one(adapter):
+        state = state_dict(adapter)
         state.pop(next(k for k in state if k.endswith("lora_B.weight")))
         return state
 
-    monkeypatch.setattr(Adapter, "peft_state_dict", without_one)
+    monkeypatch.setattr(peft_bridge, "peft_state_dict", without_one)
     with pytest.raises(VlmtuneError, match=r"PEFT did not take the adapter .*missing keys: \['base_model"):
         engine.add_adapter("x", good)
     assert engine.adapters == {}

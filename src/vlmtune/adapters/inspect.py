@@ -97,8 +97,7 @@ def inspect_adapter(folder: str | Path, base: str | Path | None = None) -> dict[
                     base_folder
                 )
     else:
-        ctx = rules.Context(found, family, {}, {}) if family is not None else None
-        findings = rules.evaluate("files", ctx) if ctx is not None else []
+        findings = rules.evaluate("files", rules.Context(found, family, {}, {}), with_base=False)
     report["rules"] = rule_report(findings, fit)
     lora_names = {m["module"] for m in modules}
     # PEFT saves the base weight of a LoRA-targeted lm_head/embedding beside its factors

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,6 @@ from .rules import Finding, Use
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-# PEFT's `target_modules` value for "no LoRA layer, only modules_to_save" (peft.utils.constants).
-DUMMY_TARGET_MODULES = "dummy-target-modules"
 
 
 class AdapterFormatError(VlmtuneError):
@@ -77,49 +74,6 @@ class Adapter:
     @property
     def full_modules(self) -> list[str]:
         return sorted({name.rsplit(".", 1)[0] for name in self.full})
-
-    def peft_config(self) -> dict[str, Any]:
-        """A PEFT LoraConfig dict in today's runtime names, with exact per-module rank/alpha, so PEFT
-        builds exactly the modules the tensors describe (whatever layout the file used)."""
-        ranks = Counter(m.r for m in self.lora.values())
-        alphas = Counter(m.alpha for m in self.lora.values())
-        r = ranks.most_common(1)[0][0] if ranks else int(self.config.get("r", 8))
-        alpha = alphas.most_common(1)[0][0] if alphas else float(self.config.get("lora_alpha", 8))
-        exact = lambda name: re.escape(name)  # noqa: E731 - PEFT matches pattern keys as regex suffixes
-        keep = {k: v for k, v in self.config.items() if k not in ("rank_pattern", "alpha_pattern")}
-        return {
-            **keep,
-            "peft_type": "LORA",
-            "r": r,
-            "lora_alpha": alpha,
-            # An adapter with no LoRA layer (a projector-only stage 1) gets PEFT's own marker for "none".
-            "target_modules": sorted(self.lora) or DUMMY_TARGET_MODULES,
-            "rank_pattern": {exact(m.module): m.r for m in self.lora.values() if m.r != r},
-            "alpha_pattern": {exact(m.module): m.alpha for m in self.lora.values() if m.alpha != alpha},
-            "modules_to_save": self.full_modules or None,
-            "use_dora": self.use_dora,
-            "lora_bias": any(m.bias is not None for m in self.lora.values()),
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "exclude_modules": None,
-        }
-
-    def peft_state_dict(self) -> dict[str, TensorRecord]:
-        """Tensors under the keys PEFT saves (runtime names, adapter name removed)."""
-        out: dict[str, TensorRecord] = {}
-        for m in self.lora.values():
-            base = f"base_model.model.{m.module}"
-            if m.kind == "embedding":
-                out[f"{base}.lora_embedding_A"], out[f"{base}.lora_embedding_B"] = m.A, m.B
-            else:
-                out[f"{base}.lora_A.weight"], out[f"{base}.lora_B.weight"] = m.A, m.B
-            if m.bias is not None:
-                out[f"{base}.lora_B.bias"] = m.bias
-            if m.magnitude is not None:
-                out[f"{base}.lora_magnitude_vector"] = m.magnitude
-        for name, t in self.full.items():
-            out[f"base_model.model.{name}"] = t
-        return out
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

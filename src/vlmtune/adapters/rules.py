@@ -60,7 +60,7 @@ class Context:
     (None where only shapes are known, e.g. from safetensors headers)."""
 
     files: AdapterFiles
-    family: Family
+    family: Family | None  # None only where no rule that needs the base runs (inspect without --base)
     base_params: Mapping[str, tuple[int, ...]]
     base_config: Mapping[str, Any]
     base_fingerprint: str | None = None
@@ -83,6 +83,7 @@ class Rule:
     merge: Verdict
     stage: Literal["files", "placed"]  # 'files': checked before placement (so it wins over key errors)
     check: Callable[[Context], Iterator[str]]  # one message per violation
+    needs_base: bool = False  # meaningless without the base (inspect with no --base skips it)
 
 
 @dataclass(frozen=True)
@@ -263,9 +264,9 @@ RULES: tuple[Rule, ...] = (
     Rule("peft_type", "refuse", "refuse", "files", _peft_type),
     Rule("unsupported_setting", "refuse", "refuse", "files", _unsupported_setting),
     Rule("base_rewriting_init", "refuse", "refuse", "files", _base_rewriting_init),
-    Rule("trained_on_other_family", "refuse", "refuse", "files", _trained_family),
-    Rule("declared_base_other_family", "refuse", "refuse", "files", _declared_family),
-    Rule("foreign_format_mismatch", "refuse", "refuse", "files", _foreign_format),
+    Rule("trained_on_other_family", "refuse", "refuse", "files", _trained_family, needs_base=True),
+    Rule("declared_base_other_family", "refuse", "refuse", "files", _declared_family, needs_base=True),
+    Rule("foreign_format_mismatch", "refuse", "refuse", "files", _foreign_format, needs_base=True),
     Rule("fan_in_fan_out_on_linear", "refuse", "refuse", "files", _fan_in_fan_out_linear),
     Rule("trained_base_biases", "refuse", "accept", "files", _trained_biases),
     Rule("changed_base_weight_copy", "refuse", "accept", "placed", _changed_base_copy),
@@ -276,12 +277,13 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def evaluate(stage: str, ctx: Context) -> list[Finding]:
-    """Every finding of the rules of `stage`, in table order."""
+def evaluate(stage: str, ctx: Context, with_base: bool = True) -> list[Finding]:
+    """Every finding of the rules of `stage`, in table order (`with_base=False`: only the rules that
+    read the folder alone)."""
     return [
         Finding(rule.name, message, rule.unmerged, rule.merge)
         for rule in RULES
-        if rule.stage == stage
+        if rule.stage == stage and (with_base or not rule.needs_base)
         for message in rule.check(ctx)
     ]
 
