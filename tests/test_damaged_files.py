@@ -26,7 +26,8 @@ import yaml
 
 import vlmtune
 from test_merge_support import make_adapter
-from vlmtune import cli
+from vlmtune import checkpoint, cli
+from vlmtune.adapters.manifest import BaseInfo, Manifest
 from vlmtune.demo import write_split
 from vlmtune.errors import VlmtuneError
 
@@ -245,6 +246,25 @@ def test_train_refuses_a_damaged_base(case, corpus, tmp_path, monkeypatch, capsy
     )
     code, err = run_cli(["train", str(config), "max_steps=1"], monkeypatch, capsys)
     assert_one_line_error(code, err, damaged)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("case", ["adapter-weights-truncated", "adapter-weights-shape_vs_bytes"])
+def test_train_init_from_a_damaged_adapter(case, corpus, tmp_path):
+    """`init_from` reads the earlier adapter's weights through the same reader: a damaged file is one
+    line naming it, before the run dir exists."""
+    base, adapter, damaged = corpus(case)
+    earlier = tmp_path / "earlier"
+    shutil.copytree(adapter, earlier)
+    info = BaseInfo(
+        str(base), checkpoint.fingerprint(base), "Qwen2VLForConditionalGeneration", "qwen2_vl", "qwen2_vl"
+    )
+    Manifest(base=info).write(earlier)
+    run_dir = tmp_path / "run"
+    config = {"model": str(base), "output_dir": str(run_dir), "data": {"train": str(corpus.data)}}
+    with pytest.raises(VlmtuneError) as error:
+        vlmtune.train({**config, "max_steps": 1, "init_from": str(earlier)})
+    assert str(earlier / damaged.name) in str(error.value) and "\n" not in str(error.value)
     assert not run_dir.exists()
 
 

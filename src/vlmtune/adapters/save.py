@@ -12,7 +12,7 @@ from typing import Any
 from .. import checkpoint
 from ..errors import VlmtuneError
 from ..fsutil import atomic_dir
-from ..io import read_json
+from ..io import read_file, read_json
 from .manifest import MANIFEST, BaseInfo, Manifest, read_manifest
 from .targets import TargetPlan
 
@@ -112,10 +112,9 @@ def load_into(peft_model: Any, adapter_dir: str | Path) -> int:
     """Copy an earlier adapter's tensors (LoRA and modules_to_save) into `peft_model`'s matching
     parameters; every tensor must find its place. Returns the number of tensors loaded."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    state = load_file(adapter_dir / "adapter_model.safetensors")
+    state = {name: t.torch() for name, t in read_file(adapter_dir / "adapter_model.safetensors").items()}
     # The tensors this run's adapter will save. A stored projector that is frozen here would otherwise
     # load into the *base* weights and be missing from the new adapter, so only these names are accepted.
     own = get_peft_model_state_dict(peft_model)

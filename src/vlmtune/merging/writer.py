@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from ..errors import VlmtuneError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 COPY_CHUNK = 8 * 1024 * 1024
 UNITS = {
     "B": 1,
@@ -72,7 +71,7 @@ class Entry:
 def shard_names(count: int) -> list[str]:
     """transformers' naming: one file is model.safetensors, more are model-0000i-of-0000n.safetensors."""
     if count == 1:
-        return [SINGLE_FILE]
+        return [SAFETENSORS_SINGLE]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
@@ -192,7 +191,7 @@ def write_index(folder: Path, shards: Sequence[Sequence[Entry]], names: Sequence
         "metadata": {"total_size": total_size, "total_parameters": total_params},
         "weight_map": weight_map,
     }
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 class Sink:
