@@ -15,8 +15,8 @@ Reported per variant (median over repeats):
 - peak RSS of the training process (exact, getrusage) and peak PSS of its process tree (sampled every
   0.2 s from /proc; includes DataLoader workers, counts pages they share with the parent once),
 - the final loss (mean of the last quarter of the logged step losses) and vlmtune's padding ratio.
-Ratios are tokens/s against the plain script and against vlmtune padded; the script fails when vlmtune
-padded is slower than the plain script.
+Ratios are tokens/s against the plain script and against vlmtune padded, with issue 12's goals (packed
+>= 1.5x plain and >= 1.3x padded on the varied data); the script fails when packed is slower than padded.
 
     python bench/train_throughput.py --work /tmp/bench-train [--data varied] [--steps 40] [--repeats 3]
 """
@@ -391,10 +391,12 @@ def main() -> None:
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if ratios.get("padded/plain", 1.0) < 1.0:
-        raise SystemExit(
-            f"vlmtune padded is slower than the plain script (ratio {ratios['padded/plain']:.3f})"
-        )
+    goals = {"packed/plain": 1.5, "packed/padded": 1.3}  # issue 12's goals on the varied data
+    for key, goal in goals.items():
+        if key in ratios:
+            print(f"goal {key} >= {goal}: {'met' if ratios[key] >= goal else 'NOT met'} ({ratios[key]:.3f})")
+    if ratios.get("packed/padded", 1.0) < 1.0:
+        raise SystemExit(f"packed batches are slower than padded ones (ratio {ratios['packed/padded']:.3f})")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def flatten(items: Sequence[Item] | Sequence[Sequence[Item]]) -> list[Item]:
 
 
 def add_logits_to_keep(batch: dict[str, Any]) -> None:
-    """`logits_to_keep`: the positions whose next token is supervised (see vlmtune.train.loss)."""
+    """`logits_to_keep`: the positions whose next token is supervised (see vlmtune.training.loss)."""
     keep = batch["labels"] != IGNORE_INDEX
     batch["logits_to_keep"] = keep.roll(-1, dims=1)
     batch["logits_to_keep"][:, -1] = False
