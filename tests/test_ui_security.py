@@ -59,6 +59,9 @@ def test_token_required(runs_root):
         cookie = response.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
         assert [r["id"] for r in browser.get("/api/runs").json()["runs"]] == ["runs/a"]
+        assert browser.get("/api/session").json()["authenticated"] is True
+        assert browser.post("/api/logout").status_code == 200
+        assert browser.get("/api/runs").status_code == 401
 
 
 def test_csrf(runs_root):
