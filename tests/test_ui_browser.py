@@ -106,8 +106,8 @@ def test_pages_in_a_real_browser(driver, setup):
         assert "30" in row.text
         driver.save_screenshot(str(ARTIFACTS / "runs.png"))
 
-        for pick in driver.find_elements(By.CSS_SELECTOR, "input.pick"):
-            pick.click()
+        for run_id in ("runs/shapes", "runs/shapes-b"):
+            driver.find_element(By.CSS_SELECTOR, f'input.pick[value="{run_id}"]').click()
         driver.find_element(By.ID, "compare").click()
         overlay = wait(driver, lambda d: d.find_elements(By.ID, "cmp-loss"))[0]
         assert overlay.get_attribute("data-series") == "runs/shapes,runs/shapes-b"

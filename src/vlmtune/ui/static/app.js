@@ -68,8 +68,15 @@ function showLogin() {
 async function runsView() {
   main().innerHTML = `<h1>Runs</h1><div id="runs"></div>
     <p><button id="compare" class="secondary" disabled>Compare selected</button></p>`;
+  let shown = null;
   const draw = async () => {
     const data = await api("/api/runs");
+    const key = JSON.stringify(data);
+    if (key === shown) {  // nothing changed: keep the table (and what the user is clicking), refresh the ages
+      document.querySelectorAll("td[data-updated]").forEach((td) => { td.textContent = ago(+td.dataset.updated); });
+      return;
+    }
+    shown = key;
     const checked = new Set([...document.querySelectorAll("input.pick:checked")].map((c) => c.value));
     const rows = data.runs.map((r) => `<tr data-run="${esc(r.id)}">
       <td><input type="checkbox" class="pick" value="${esc(r.id)}" ${checked.has(r.id) ? "checked" : ""}></td>
@@ -80,7 +87,7 @@ async function runsView() {
       <td class="num">${num(r.tokens_per_second)}</td>
       <td class="num">${num(r.loss)}</td>
       <td class="num">${num(r.eval_loss)}</td>
-      <td class="muted">${ago(r.updated)}</td></tr>`).join("");
+      <td class="muted" data-updated="${esc(r.updated || "")}">${ago(r.updated)}</td></tr>`).join("");
     document.getElementById("runs").innerHTML = data.runs.length
       ? `<table id="runs-table"><thead><tr><th></th><th>run</th><th>state</th><th class="num">step</th><th class="num">ETA</th>
          <th class="num">tokens/s</th><th class="num">loss</th><th class="num">eval loss</th><th>updated</th></tr></thead><tbody>${rows}</tbody></table>`
