@@ -1,5 +1,6 @@
-"""Adapter dirs: target selection, reading (ours, PEFT's, other tools'), strict key placement, the manifest,
-saving, and inspection. These are the public names; the submodules hold the details.
+"""Adapter dirs: target selection, reading (ours, PEFT's, other tools'), strict key placement, the rules
+table (`RULES`: what each use accepts), the manifest, saving, and inspection. These are the public names;
+the submodules hold the details.
 
 Names resolve on first use, so importing one piece (say the numpy-only merge's) does not import the others.
 """
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .inspect import inspect_adapter
-    from .manifest import BaseInfo, Manifest, read_manifest
+    from .manifest import BaseInfo, Manifest, MergedManifest, read_manifest
     from .reader import Adapter, read_adapter
+    from .rules import RULES, AdapterRefusedError
     from .save import missing_files, save_adapter
     from .targets import TargetPlan, plan_targets
 
@@ -22,16 +24,22 @@ _WHERE = {
     "inspect_adapter": "inspect",
     "BaseInfo": "manifest",
     "Manifest": "manifest",
+    "MergedManifest": "manifest",
     "read_manifest": "manifest",
+    "RULES": "rules",
+    "AdapterRefusedError": "rules",
     "save_adapter": "save",
     "missing_files": "save",
     "TargetPlan": "targets",
     "plan_targets": "targets",
 }
 __all__ = [
+    "RULES",
     "Adapter",
+    "AdapterRefusedError",
     "BaseInfo",
     "Manifest",
+    "MergedManifest",
     "TargetPlan",
     "inspect_adapter",
     "missing_files",

@@ -1,10 +1,11 @@
 """The inference engine: one base model, any number of un-merged LoRA adapters, switched per request.
 
 A façade over small parts, each with one job: `base` loads the base (dtype, device, quantization),
-`rules` decides what an adapter may be and how it batches, `registry` attaches and detaches adapters
-through PEFT, `processors` holds the processors rows are rendered with, `batching` plans which rows share
-a forward, `routing` routes per-row adapters inside a forward (and holds the one regroup loop), and
-`generation` turns settings and outputs into GenerationConfigs and results.
+`adapter_checks` pre-checks an adapter against the base's headers and says whether its rows mix,
+`registry` attaches and detaches adapters through PEFT, `processors` holds the processors rows are
+rendered with, `batching` plans which rows share a forward, `routing` routes per-row adapters inside a
+forward (and holds the one regroup loop), and `generation` turns settings and outputs into
+GenerationConfigs and results.
 
 Loading is strict. Each adapter folder is read and placed key by key on the base by
 `vlmtune.adapters.read_adapter` (runtime, pre-4.52 and LLaVA layouts; unplaced keys and shape mismatches
@@ -24,7 +25,7 @@ import torch
 
 from .. import checkpoint, conversation, families
 from ..conversation.images import DEFAULT_POLICY, ImagePolicy
-from . import batching, rules
+from . import adapter_checks, batching
 from .base import load_model, open_base
 from .generation import generation_config, generations, prompt_logits
 from .processors import Processors
@@ -267,7 +268,7 @@ def load(
     """
     spec = open_base(base)
     named = name_adapters(adapters)
-    rules.precheck(named, spec.folder, spec.family, spec.config)
+    adapter_checks.precheck(named, spec.folder, spec.family, spec.config)
     model, processor = load_model(spec, dtype=dtype, device=device, quantization=quantization)
     engine = Engine(
         model,

@@ -17,7 +17,7 @@ from typing import Any
 from .. import families
 from ..adapters.peft_bridge import load_weights, lora_config
 from ..adapters.reader import Adapter, base_params_from_model, read_adapter
-from . import rules
+from . import adapter_checks
 from .processors import BASE_KEY, Processors
 from .specs import check_name
 from .types import BASE, AdapterInfo, InferenceError, canonical_adapter
@@ -158,7 +158,7 @@ class AdapterRegistry:
             base_values=lambda param: self.base_model.get_parameter(param).detach().float().cpu().numpy(),
         )
         sha256 = content_sha256(path, adapter.files)
-        mixable, because = rules.mixability(adapter, self.family)
+        mixable, because = adapter_checks.mixability(adapter, self.family)
         config, dropped = lora_config(adapter)
         messages = list(adapter.warnings)  # what the adapter rules warn about for use 'unmerged'
         if dropped:
