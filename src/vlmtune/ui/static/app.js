@@ -139,6 +139,9 @@ function drawPanels(container, series) {
 
 async function runView(params) {
   const id = params.get("id");
+  const metricsUrl = (offset) => `/api/run/metrics?id=${encodeURIComponent(id)}&offset=${offset}`;
+  const firstMetrics = api(metricsUrl(0));  // fetched while the run's details are
+  firstMetrics.catch(() => {});
   const run = await api("/api/run?id=" + encodeURIComponent(id));
   const data = run.data || {};
   const dataRow = (name, d) => d ? `<tr><td>${name}</td><td class="num">${esc(d.rows)}</td><td class="num">${esc(d.valid ?? "")}</td>
@@ -167,12 +170,23 @@ async function runView(params) {
       `step ${s.step}${s.max_steps ? " of " + s.max_steps : ""}${s.eta_s !== null && s.eta_s !== undefined ? " · ETA " + duration(s.eta_s) : ""}`;
   };
   setStep(run);
+  let pending = firstMetrics, busy = false, again = false;
   const poll = async () => {
-    const m = await api(`/api/run/metrics?id=${encodeURIComponent(id)}&offset=${offset}`);
-    if (m.reset) for (const k of Object.keys(series)) delete series[k];
-    for (const [k, pts] of Object.entries(m.series)) (series[k] = series[k] || []).push(...pts);
-    offset = m.offset;
-    if (m.rows || m.reset) drawPanels(document.getElementById("charts"), series);
+    // One read at a time (two reads from one offset would append the rows twice); a poll asked for
+    // meanwhile runs right after, so the rows written just before the run ended are never missed.
+    if (busy) { again = true; return; }
+    busy = true;
+    try {
+      do {
+        again = false;
+        const m = await (pending || api(metricsUrl(offset)));
+        pending = null;
+        if (m.reset) for (const k of Object.keys(series)) delete series[k];
+        for (const [k, pts] of Object.entries(m.series)) (series[k] = series[k] || []).push(...pts);
+        offset = m.offset;
+        if (m.rows || m.reset) drawPanels(document.getElementById("charts"), series);
+      } while (again);
+    } finally { pending = null; busy = false; }
   };
   await poll();
   drawPanels(document.getElementById("charts"), series);
