@@ -6,7 +6,8 @@ HTTP by the official `openai` client from client threads. Requests: one 56-px im
 1. Throughput: 64 requests over 8 adapters sent at once (continuous batching) vs. the same 64 sent one at
    a time. Goal >= 3x.
 2. Head-of-line blocking: median latency of short requests (8 tokens) sent one after another while long
-   ones (128 tokens) keep the batch busy, vs. the same short requests on an idle server. Goal <= 2x.
+   ones (128 tokens, `--long` of them, each resent as soon as it ends) keep the batch busy, vs. the same
+   short requests on an idle server (two rounds of each, alternating). Goal <= 2x.
 3. Mixed adapters: throughput of 64 requests spread over 8 adapters vs. the same 64 all under one adapter
    (both concurrent). Goal >= 0.8x.
 
@@ -137,32 +138,38 @@ def main() -> None:
             wrong += sum(a != alone[j] for j, a in zip(single[:8], answers[:8], strict=True))
         peak = scheduler.peak_rows
 
-        # 2: short requests on an idle server, then while long ones keep the batch busy.
+        # 2: short requests on an idle server, then while long ones keep the batch busy; two rounds of
+        # each, alternating, so a change in the machine's load hits both sides.
         shorts = [(names[i % 8], 1000 + i, 8) for i in range(args.short)]
-        idle_runs = [client.ask(*job) for job in shorts]
-        idle = [seconds for _, seconds in idle_runs]
-        stop = threading.Event()
+        answers: dict[tuple[str, int, int], str] = {}
+        idle: list[float] = []
+        busy: list[float] = []
+        rows_seen: list[int] = []
+        half = len(shorts) // 2
+        for part in (shorts[:half], shorts[half:]):
+            for job in part:
+                answers[job], seconds = client.ask(*job)
+                idle.append(seconds)
+            stop = threading.Event()
 
-        def keep_busy(k: int) -> None:
-            while not stop.is_set():
-                client.ask(names[k % 8], 2000 + k, 128)
+            def keep_busy(k: int, stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    client.ask(names[k % 8], 2000 + k, 128)
 
-        threads = [threading.Thread(target=keep_busy, args=(k,)) for k in range(args.long)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        while scheduler.active_rows < args.long and time.monotonic() < deadline:
-            time.sleep(0.05)
-        busy = []
-        rows_seen = []
-        for job in shorts:
-            rows_seen.append(scheduler.active_rows)
-            answer, seconds = client.ask(*job)
-            busy.append(seconds)
-            wrong += answer != idle_runs[len(busy) - 1][0]
-        stop.set()
-        for t in threads:
-            t.join()
+            threads = [threading.Thread(target=keep_busy, args=(k,)) for k in range(args.long)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 120
+            while scheduler.active_rows < args.long and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for job in part:
+                rows_seen.append(scheduler.active_rows)
+                answer, seconds = client.ask(*job)
+                busy.append(seconds)
+                wrong += answer != answers[job]
+            stop.set()
+            for t in threads:
+                t.join()
         errors = list(client.errors)
 
     seq_thr = args.requests / sequential_s

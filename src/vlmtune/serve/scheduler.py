@@ -247,11 +247,12 @@ class Scheduler:
     def _advance(self, group: cohorts.Cohort, logits: torch.Tensor) -> None:
         """Choose each row's next token from `logits` (one row each), emit text, retire finished rows."""
         keep = []
+        greedy = torch.argmax(logits, dim=-1).tolist()  # one device sync for all greedy rows
         for i, row in enumerate(group.rows):
             if row.job.cancelled.is_set():
                 continue
             job = row.job
-            token = choose(logits[i], job.sampling, row.generator)
+            token = greedy[i] if row.generator is None else choose(logits[i], job.sampling, row.generator)
             row.generated += 1
             if token in job.stop_ids:
                 row.finish = "stop"
