@@ -7,7 +7,8 @@ HTTP by the official `openai` client from client threads. Requests: one 56-px im
    a time. Goal >= 3x.
 2. Head-of-line blocking: median latency of short requests (8 tokens) sent one after another while long
    ones (128 tokens, `--long` of them, each resent as soon as it ends) keep the batch busy, vs. the same
-   short requests on an idle server (two rounds of each, alternating). Goal <= 2x.
+   short requests on an idle server (two rounds of each, alternating). Goal <= 2x. The short requests are
+   streamed, so the time to their first token (how soon a request starts) is reported too.
 3. Mixed adapters: throughput of 64 requests spread over 8 adapters vs. the same 64 all under one adapter
    (both concurrent). Goal >= 0.8x.
 
@@ -56,6 +57,11 @@ class Client:
         self.lock = threading.Lock()
 
     def ask(self, model: str, seed: int, tokens: int) -> tuple[str, float]:
+        text, _, seconds = self.request(model, seed, tokens, stream=False)
+        return text, seconds
+
+    def request(self, model: str, seed: int, tokens: int, stream: bool) -> tuple[str, float, float]:
+        """(answer, seconds to the first content chunk (streamed) or to the answer, seconds in all)."""
         messages = [
             {
                 "role": "user",
@@ -66,15 +72,26 @@ class Client:
             }
         ]
         start = time.perf_counter()
+        first = None
         try:
             reply = self.client.chat.completions.create(
-                model=model, messages=messages, max_tokens=tokens, temperature=0
+                model=model, messages=messages, max_tokens=tokens, temperature=0, stream=stream
             )
+            if not stream:
+                text = reply.choices[0].message.content or ""
+            else:
+                pieces = []
+                for chunk in reply:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first = first or time.perf_counter() - start
+                        pieces.append(chunk.choices[0].delta.content)
+                text = "".join(pieces)
         except Exception as exc:  # counted, never hidden
             with self.lock:
                 self.errors.append(f"{model}/{seed}: {type(exc).__name__}: {exc}")
-            return "", time.perf_counter() - start
-        return reply.choices[0].message.content or "", time.perf_counter() - start
+            return "", 0.0, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return text, first or seconds, seconds
 
 
 def concurrently(client: Client, jobs: list[tuple[str, int, int]]) -> tuple[float, list[str]]:
@@ -144,12 +161,15 @@ def main() -> None:
         answers: dict[tuple[str, int, int], str] = {}
         idle: list[float] = []
         busy: list[float] = []
+        idle_first: list[float] = []
+        busy_first: list[float] = []
         rows_seen: list[int] = []
         half = len(shorts) // 2
         for part in (shorts[:half], shorts[half:]):
             for job in part:
-                answers[job], seconds = client.ask(*job)
+                answers[job], first, seconds = client.request(*job, stream=True)
                 idle.append(seconds)
+                idle_first.append(first)
             stop = threading.Event()
 
             def keep_busy(k: int, stop: threading.Event = stop) -> None:
@@ -164,9 +184,10 @@ def main() -> None:
                 time.sleep(0.05)
             for job in part:
                 rows_seen.append(scheduler.active_rows)
-                answer, seconds = client.ask(*job)
+                answer, first, seconds = client.request(*job, stream=True)
                 busy.append(seconds)
-                wrong += answer != answers[job]
+                busy_first.append(first)
+                wrong += answer != answers[job]  # streamed, busy == streamed, idle
             stop.set()
             for t in threads:
                 t.join()
@@ -185,6 +206,9 @@ def main() -> None:
         short_latency_busy_s=round(statistics.median(busy), 3),
         rows_decoding_when_short_sent=rows_seen,
         head_of_line_ratio=round(statistics.median(busy) / statistics.median(idle), 2),
+        short_first_token_idle_s=round(statistics.median(idle_first), 3),
+        short_first_token_busy_s=round(statistics.median(busy_first), 3),
+        first_token_ratio=round(statistics.median(busy_first) / statistics.median(idle_first), 2),
         mixed_vs_one_adapter_ratio=round(mixed_thr / single_thr, 2),
         errors=len(errors),
         wrong_answers=wrong,
