@@ -60,7 +60,7 @@ def merge(
     base: Annotated[str, typer.Option(help="base model: local folder or hub id (safetensors)")],
     adapter: Annotated[
         list[str],
-        typer.Option(help="adapter folder (PEFT or LLaVA format); repeat to merge several, in order"),
+        typer.Option(help="adapter folder (PEFT or a family's format); repeat to merge several, in order"),
     ],
     out: Annotated[Path, typer.Option(help="output folder (written atomically)")],
     dtype: Annotated[str | None, typer.Option(help="auto (the base's) | bf16 | fp16 | fp32")] = None,
@@ -101,7 +101,7 @@ AdapterOption = Annotated[
 @app.command()
 def predict(
     model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
-    data: Annotated[Path, typer.Option(help="JSON/JSONL/parquet/datasets folder: messages+images or LLaVA")],
+    data: Annotated[Path, typer.Option(help="rows: messages+images or conversations+image")],
     out: Annotated[Path, typer.Option(help="predictions JSONL to write")],
     adapter: AdapterOption = None,
     batch_size: Annotated[int | None, typer.Option(help="rows per forward")] = None,

@@ -19,7 +19,8 @@ from typing import Any
 from ..conversation import Conversation, Message, RowError, parse_turn, validate
 from ..errors import VlmtuneError
 
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+# The ShareGPT-style `conversations` format (`from`: human|gpt|system, `value`), as LLaVA's data uses it.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # Keys a row may carry besides its conversation; everything else is reported (strict over silent).
 ROW_KEYS = {
     "messages": {"messages", "images", "image", "id"},
@@ -192,7 +193,7 @@ def parse_row(row: RawRow, prompt: bool = False) -> tuple[Sample | None, list[Ro
     if not formats:
         fail(
             "no_conversation",
-            "row has neither 'messages' (with 'images') nor LLaVA's 'conversations' (with 'image'); "
+            "row has neither 'messages' (with 'images') nor ShareGPT-style 'conversations' (with 'image'); "
             f"its keys are {sorted(value)}.",
         )
         return None, errors
@@ -255,7 +256,7 @@ def _parse_turns(raw: Any, fmt: str, fail: Any) -> list[Message] | None:
     if not raw:
         fail("empty_conversation", f"'{fmt}' is empty; a row needs at least one user and one assistant turn.")
         return None
-    roles = None if fmt == "messages" else LLAVA_ROLES
+    roles = None if fmt == "messages" else SHAREGPT_ROLES
     turns = [
         parse_turn(turn, f"turn {i}", fail, keys=TURN_KEYS[fmt], roles=roles) for i, turn in enumerate(raw)
     ]
