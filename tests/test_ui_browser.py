@@ -1,6 +1,7 @@
 """The dashboard in a real browser (headless Chromium driven by Selenium): the runs page lists a run, its
-loss chart draws points (counted on the canvas's pixels), the data view highlights image and label
-tokens, and the side-by-side page shows one answer per adapter, equal to the API's. Screenshots go to
+loss chart draws points (counted on the canvas's pixels), two runs overlay, the data view highlights image
+and label tokens, the side-by-side page shows one answer per adapter, equal to the API's, and the page of
+a run that is training follows it live. Screenshots go to
 test-artifacts/ui/ (or $VLMTUNE_ARTIFACTS/ui/).
 
 Chromium and chromedriver come from Debian's `chromium` and `chromium-driver` packages (`make browser`,
@@ -55,6 +56,7 @@ def driver():
         options.add_argument(arg)
     instance = webdriver.Chrome(service=Service(chromedriver), options=options)
     instance.set_page_load_timeout(60)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield instance
     instance.quit()
 
@@ -74,7 +76,6 @@ def setup(tiny_model, tmp_path_factory):
     (other / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("lr: 0.01", "lr: 0.02"))
     adapters = {"final": run_dir / "adapter", "early": run_dir / "checkpoints" / "step-15"}
     engine = vlmtune.load(base, adapters, device="cpu")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return base, root, adapters, engine, root / "data" / "images" / "train" / "0.png"
 
 
@@ -165,3 +166,43 @@ def test_pages_in_a_real_browser(driver, setup):
         expected = {a["adapter"]: a["text"] for a in api.json()["answers"]}
     assert list(shown) == ["__base__", "final", "early"]
     assert shown == {k: v.strip() for k, v in expected.items()}
+
+
+def test_live_chart_follows_a_training_run(driver, tiny_model, tmp_path):
+    """The run page of a run that is training grows its loss chart as metrics.jsonl grows, and shows the
+    state change to finished, without a reload."""
+    import threading
+
+    from selenium.webdriver.common.by import By
+
+    from test_ui_runs import Gate
+
+    base = tiny_model(FAMILY)
+    data = write_split(tmp_path / "data", "train", 16, seed=2)
+    (tmp_path / "runs").mkdir()
+    gate = Gate(3)
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            vlmtune.train(train_config(base, data, tmp_path / "runs" / "live", steps=6), callbacks=[gate])
+        except BaseException as exc:
+            errors.append(exc)
+            gate.reached.set()
+
+    with serve(UiSettings(runs=[tmp_path / "runs"])) as url:
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        try:
+            assert gate.reached.wait(300) and not errors, errors
+            driver.get(url + "/#/run?id=runs/live")
+            points = lambda d: int(d.find_element(By.ID, "chart-loss").get_attribute("data-points") or 0)  # noqa: E731
+            wait(driver, lambda d: d.find_elements(By.ID, "chart-loss") and points(d) == 3)
+            assert driver.find_element(By.CSS_SELECTOR, "#run-state [data-state]").text == "running"
+        finally:
+            gate.release.set()
+        thread.join(300)
+        assert not errors, errors
+        wait(driver, lambda d: points(d) == 6)
+        wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#run-state [data-state]").text == "finished")
+        driver.save_screenshot(str(ARTIFACTS / "live.png"))
