@@ -151,12 +151,17 @@ def test_adapter_names_are_checked(qwen):
     assert engine.adapters == {}
 
 
-def test_quantization_says_what_the_platform_lacks(qwen):
+def test_quantization_says_what_the_platform_lacks(qwen, monkeypatch):
+    import importlib.util
+
     base, _ = qwen
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the GPU test covers quantized loading")
-    with pytest.raises(VlmtuneError, match=r"--quantization 4bit needs an NVIDIA GPU with CUDA"):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "bitsandbytes" else real(n, *a)
+    )
+    with pytest.raises(VlmtuneError, match=r"quantization 4bit needs the bitsandbytes package"):
         load(base, quantization="4bit")
+    monkeypatch.undo()
     with pytest.raises(VlmtuneError, match=r"unknown quantization '3bit'"):
         load(base, quantization="3bit", device="cuda")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -213,7 +214,7 @@ def serve(
     max_image_pixels: Annotated[int, typer.Option(help="cap on one image's width x height")] = 4096 * 4096,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: cuda if present)")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")] = None,
+    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
     print_vllm: Annotated[
         bool,
         typer.Option("--print-vllm", help="print the equivalent `vllm serve` line (or why not) and exit"),
@@ -281,8 +282,19 @@ def train(
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="one forward/backward on a real batch: name modules that get no gradient"
+        ),
+    ] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(help="train in N processes on this machine (torchrun); see docs/distributed.md"),
+    ] = None,
 ) -> None:
-    """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/)."""
+    """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/).
+    Works unchanged under `torchrun` and `accelerate launch` (`-m vlmtune train CONFIG`)."""
     from . import training
 
     _console_logging()
@@ -290,8 +302,18 @@ def train(
         plan = training.dry_run(config, overrides or [])
         typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
         return
+    if check:
+        from .training.check import check_gradients
+
+        typer.echo(check_gradients(config, overrides or []).render())
+        return
+    if nproc is not None:
+        from .training.launch import launch
+
+        raise typer.Exit(launch(config, overrides or [], nproc))
     run_dir = training.run(config, overrides or [])
-    typer.echo(f"run dir: {run_dir}\nadapter: {run_dir / 'adapter'}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"run dir: {run_dir}\nadapter: {run_dir / 'adapter'}")
 
 
 @data_app.command("check")

@@ -121,7 +121,18 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    gradient_checkpointing: bool = False
+    # Recompute activations in backward to save memory: true (the whole model), language or vision (that
+    # tower only; not under fsdp2, whose activation checkpointing covers every block).
+    gradient_checkpointing: bool | Literal["language", "vision"] = False
+    # Several processes (`vlmtune train CONFIG --nproc N`, torchrun, accelerate launch): ddp (a replica per
+    # process), fsdp2 (parameters, gradients and optimizer state sharded block by block), zero2 / zero3
+    # (DeepSpeed, GPUs only). `batch_size` is the global batch: each process takes batch_size / N rows.
+    distributed: Literal["ddp", "fsdp2", "zero2", "zero3"] = "ddp"
+    # Your own DeepSpeed JSON for zero2 / zero3 instead of the shipped preset.
+    deepspeed: str | None = None
+    # QLoRA: the frozen base loaded quantized by bitsandbytes (4bit: NF4 + double quant; 8bit: int8), the
+    # LoRA weights in full precision.
+    quantization: Literal["4bit", "8bit"] | None = None
     # Longest sequence in tokens (image tokens included); longer rows are truncated, counted and reported.
     max_length: int | None = None
     # Image resolution limits: processor attributes the model's family declares (`image_limit_keys`,

@@ -140,6 +140,8 @@ def _coerce(value: Any, hint: Any, key: str, root: type, suggest: Suggest) -> An
                 errors.append(str(exc))
         raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} is not {_describe(hint)}.")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads on/off as booleans
+            value = "on" if value else "off"
         if value in args:
             return value
         raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))} (got {value!r}).")

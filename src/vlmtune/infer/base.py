@@ -63,12 +63,10 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if quantization:
         quant.check_platform(quantization)
-        if device == "cpu":
-            raise quant.QuantizationUnavailableError(
-                f"--quantization {quantization} runs on a CUDA GPU only; drop --device cpu or the quantization."
-            )
         compute = torch_dtype
-        if compute in ("auto", torch.float32):
+        if device == "cpu":
+            compute = torch.float32 if compute == "auto" else compute
+        elif compute in ("auto", torch.float32):
             compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         kwargs["quantization_config"] = quant.bnb_config(quantization, spec.family, compute)
         kwargs["dtype"] = compute

@@ -262,7 +262,7 @@ def load(
 
     `adapters` maps names to folders (a list of folders takes names from the folder names); every adapter
     is placed on the base's safetensors headers before the weights load. `quantization` is None, '4bit' or
-    '8bit' (bitsandbytes, CUDA only). `device` is 'cpu', 'cuda', 'cuda:N' or 'auto' (spread over the GPUs);
+    '8bit' (bitsandbytes; CPU or CUDA). `device` is 'cpu', 'cuda', 'cuda:N' or 'auto' (spread over the GPUs);
     default: CUDA when present. `mixed_batches=False` runs one adapter per forward (what serving without
     mixed batches does; used as the benchmark's anchor).
     """

@@ -1,7 +1,8 @@
 """Loading the base quantized (bitsandbytes 4-bit NF4 or 8-bit) under un-merged adapters.
 
-bitsandbytes needs a CUDA GPU; where there is none (or the package is missing) we say so in one sentence
-before loading anything, instead of letting transformers fail deep inside `from_pretrained`. Only the
+bitsandbytes (0.50+) runs its 4-bit and 8-bit layers on CUDA GPUs and on CPU; where it is missing or cannot
+load we say so in one sentence before loading anything, instead of letting transformers fail deep inside
+`from_pretrained`. Training (QLoRA) uses the same configuration. Only the
 language model is quantized: the vision tower, projector and lm_head stay in the compute dtype (they are a
 small share of the weights, and LLaVA's own 4-bit path broke projector loading, LLaVA #433/#744).
 """
@@ -27,16 +28,25 @@ def check_platform(mode: str) -> None:
 
     if mode not in MODES:
         raise VlmtuneError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)} (or leave it off).")
-    if not torch.cuda.is_available():
-        raise QuantizationUnavailableError(
-            f"--quantization {mode} needs an NVIDIA GPU with CUDA (bitsandbytes), and this machine has none; "
-            "run without --quantization (full precision works on CPU), or on a CUDA machine."
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizationUnavailableError(
-            f"--quantization {mode} needs the bitsandbytes package, which is not installed; "
+            f"quantization {mode} needs the bitsandbytes package, which is not installed; "
             "run `pip install bitsandbytes` and try again."
         )
+    try:
+        import bitsandbytes  # noqa: F401  (its import finds the native library for this platform)
+    except Exception as exc:  # bitsandbytes raises several types when its native library cannot load
+        raise QuantizationUnavailableError(
+            f"quantization {mode}: bitsandbytes cannot run on this platform ({type(exc).__name__}: {exc}); "
+            f"run without quantization{' or on a CUDA GPU' if not torch.cuda.is_available() else ''}."
+        ) from None
+
+
+def train_device(on_cpu: bool) -> str:
+    """Where a quantized base is placed: the CPU, or this process's GPU (LOCAL_RANK under torchrun)."""
+    import os
+
+    return "cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
 
 
 def skip_modules(family: Family) -> list[str]:
@@ -44,8 +54,9 @@ def skip_modules(family: Family) -> list[str]:
     return [prefix for role, prefix in family.role_prefixes if role in ("vision", "projector", "lm_head")]
 
 
-def bnb_config(mode: str, family: Family, compute_dtype: Any) -> Any:
-    """The transformers `BitsAndBytesConfig` for `mode` (checks the platform first)."""
+def bnb_config(mode: str, family: Family, compute_dtype: Any, quant_storage: Any = None) -> Any:
+    """The transformers `BitsAndBytesConfig` for `mode` (checks the platform first). `quant_storage`: the
+    dtype 4-bit weights are stored in (bitsandbytes' default uint8; FSDP needs a float dtype)."""
     check_platform(mode)
     from transformers import BitsAndBytesConfig
 
@@ -55,6 +66,7 @@ def bnb_config(mode: str, family: Family, compute_dtype: Any) -> Any:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
             llm_int8_skip_modules=skip_modules(family),
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(family))

@@ -57,26 +57,28 @@ def training_arguments(
     precision: Precision,
     *,
     has_eval: bool,
+    world_size: int = 1,
     rows_per_batch: int | None = None,
     packed: bool = False,
     **strategy: Any,
 ) -> Any:
-    """`TrainingArguments` for `cfg`. `rows_per_batch` is what the Trainer's loader takes per step (1 when
-    each item is a planned batch; default batch_size); `packed` batches have no padding to leave out of the
+    """`TrainingArguments` for `cfg`. `batch_size` is global: each of `world_size` processes takes its share.
+    `rows_per_batch` overrides that (1 when each item is a planned batch); `packed` batches have no padding to leave out of the
     token count; `strategy` adds the distributed-strategy arguments (fsdp, deepspeed)."""
     from transformers import TrainingArguments
 
     require_reporter(cfg.report_to)
+    per_device = max(1, cfg.batch_size // world_size)
     checkpointing: dict[str, Any] = {}
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True and cfg.distributed != "fsdp2":  # fsdp2: its own (strategy)
         checkpointing = {
             "activation_checkpointing": True,
             "activation_checkpointing_kwargs": {"use_reentrant": False},
         }
     return TrainingArguments(
         output_dir=str(run_dir / rundir.CHECKPOINTS),
-        per_device_train_batch_size=cfg.batch_size if rows_per_batch is None else rows_per_batch,
-        per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device if rows_per_batch is None else rows_per_batch,
+        per_device_eval_batch_size=per_device,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,

@@ -37,13 +37,15 @@ def make_collator(cfg: TrainConfig, processor: Any, family: families.Family, mod
     return Collator(processor, **options)
 
 
-def planned_batches(cfg: TrainConfig, dataset: Any, report: DataReport, packed: bool) -> tuple[Any, int]:
-    """The dataset the Trainer iterates and its batch size: rows (batch_size each), or with
-    group_by_length / max_tokens_per_batch one item per planned batch (see vlmtune.data.batching)."""
+def planned_batches(
+    cfg: TrainConfig, dataset: Any, report: DataReport, packed: bool
+) -> tuple[Any, int | None]:
+    """The dataset the Trainer iterates and the rows per item it takes: rows (None: batch_size split over the
+    processes), or with group_by_length / max_tokens_per_batch one item per planned batch (1)."""
     from ..data.batching import BatchDataset, padding_stats, plan_batches
 
     if not (cfg.group_by_length or cfg.max_tokens_per_batch):
-        return dataset, cfg.batch_size
+        return dataset, None
     cap = cfg.max_length or float("inf")
     lengths = [int(min(report.lengths[s.where], cap)) for s in dataset.samples]
     batches = plan_batches(
@@ -58,3 +60,61 @@ def planned_batches(cfg: TrainConfig, dataset: Any, report: DataReport, packed: 
         stats["padding_ratio"],
     )
     return BatchDataset(dataset, batches), 1
+
+
+DUMMY_WHERE = "(vlmtune: the image row added to a batch without images; it carries no loss)"
+# Batch key (popped by VlmTrainer before the forward): 1 when the batch has a real image, 0 when only ours.
+REAL_IMAGES = "vlmtune_real_images"
+
+
+class ImageInEveryBatch:
+    """Multi-process runs: a batch without images gets one extra row, a tiny image with no text to learn.
+
+    Every process then runs the vision tower and projector in every step, so each rank's forward uses the
+    same modules: DDP gets a gradient for every trainable parameter (zero from this row), FSDP2 runs the
+    same all-gathers on every rank, and a rank that drew only text rows cannot hang the others (LLaMA-Factory
+    #5616/#5944; ms-swift runs a dummy image the same way). The row's labels are all ignored, so the loss
+    and its normalisation are those of the real rows. In a step where no process had a real image, the
+    parameters only this row reached (vision, projector) get no gradient (None, as in one process, not the
+    row's zeros, which would still move Adam's momentum): `VlmTrainer` drops them before the optimizer step."""
+
+    def __init__(self, collator: Any, packed: bool) -> None:
+        from ..conversation import IMAGE, Conversation, Message
+        from ..data.collate import Item
+        from ..data.formats import Sample
+
+        self.collator = collator
+        self.packed = packed
+        sample = Sample(Conversation((Message("user", (IMAGE,)),), (_grey_png(),)), where=DUMMY_WHERE)
+        self.item = Item(index=-1, epoch=0, sample=sample)
+        self.dummy_tokens = 0
+
+    def __call__(self, items: Any) -> dict[str, Any]:
+        import torch
+
+        from ..data.collate import IGNORE_INDEX, add_logits_to_keep, flatten
+
+        rows = flatten(items)
+        if any(item.sample.images for item in rows):
+            return {**self.collator(items), REAL_IMAGES: torch.ones(1)}
+        batch = self.collator([*rows, self.item])
+        batch[REAL_IMAGES] = torch.zeros(1)
+        if self.packed:  # one row: the dummy's tokens are the last ones
+            if not self.dummy_tokens:
+                self.dummy_tokens = int(self.collator([self.item])["input_ids"].shape[1])
+            batch["labels"][:, -self.dummy_tokens :] = IGNORE_INDEX
+        else:
+            batch["labels"][-1] = IGNORE_INDEX
+        if "logits_to_keep" in batch:
+            add_logits_to_keep(batch)
+        return batch
+
+
+def _grey_png(side: int = 56) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (128, 128, 128)).save(out, format="PNG")
+    return out.getvalue()

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from ..adapters.manifest import Manifest
 from ..adapters.save import complete
 from ..errors import VlmtuneError
-from . import rundir
+from . import integrity, rundir
 
 # Trainer log keys -> metrics.jsonl keys.
 RENAME = {"learning_rate": "lr"}
@@ -41,9 +41,16 @@ class CompleteCheckpoints(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
         written = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # Every process has written its part (its RNG state) and re-reads the adapter against its live
+        # parameters before rank 0 makes the folder a checkpoint (see vlmtune.training.integrity).
+        integrity.barrier()
+        integrity.check_saved(kwargs["model"], written)
+        if state.is_world_process_zero:
+            self.complete(written, state)
+        integrity.barrier()
+
+    def complete(self, written: Path, state: Any) -> None:
         complete(written, self.processor, self.manifest_for(state))
         target = rundir.step_dir(self.run_dir, state.global_step)
         if target.exists():  # the same step saved again (a resumed run that ends where it was cut)

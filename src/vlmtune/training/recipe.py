@@ -20,9 +20,10 @@ from ..adapters.targets import TargetPlan, plan_targets
 from ..config import ConfigError, TrainConfig, dump_yaml, load_train_config, to_dict
 from ..data import DataReport
 from ..data.collate import SampleDataset
-from . import rundir
+from ..errors import VlmtuneError
+from . import distributed, integrity, rundir
 from .arguments import Precision, pick_precision, training_arguments
-from .batches import choose_packing, make_collator, planned_batches
+from .batches import ImageInEveryBatch, choose_packing, make_collator, planned_batches
 from .callbacks import RunStatus
 from .summary import training_summary
 
@@ -69,14 +70,16 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
     base_config = checkpoint.read_config(folder)
     checkpoint.check_weights(folder)
     family = families.detect(base_config)
-    processor = load_processor(folder, image_limits(cfg, family))
-    train, evaluation = prepare_data(cfg, processor, family)
+    procs = distributed.world()
     precision = pick_precision(cfg.precision)
+    distributed.preflight(cfg, procs, not precision.on_cpu, family)
+    processor = load_processor(folder, image_limits(cfg, family))
+    train, evaluation = prepare_data(cfg, processor, family, procs)
 
     from transformers import set_seed
 
     set_seed(cfg.seed)
-    model = load_model(folder, precision)
+    model = load_model(folder, precision, cfg, family)
     setup = Setup(cfg, run_dir, family, train, evaluation, precision, choose_packing(cfg, family, model))
     rows = SampleDataset(train.samples, augment=cfg.augment)
     batches, rows_per_batch = planned_batches(cfg, rows, train, setup.packed)
@@ -85,13 +88,17 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
         run_dir,
         precision,
         has_eval=evaluation is not None,
+        world_size=procs.size,
         rows_per_batch=rows_per_batch,
         packed=setup.packed,
+        **distributed.strategy_arguments(cfg, model, family),
     )
     if args.dataloader_num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers would warn otherwise
     plan = make_plan(model, family, cfg)
     model = wrap_peft(model, plan, cfg)
+    if cfg.gradient_checkpointing in ("language", "vision"):
+        checkpoint_part(model, family, cfg.gradient_checkpointing)
     base = adapter_save.base_info(_model_id(cfg.model), folder, base_config, family.name)
     if cfg.init_from:
         manifest = adapter_save.check_base(cfg.init_from, base)
@@ -106,11 +113,14 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
     log.info("%s", train.summary())
 
     # The run dir is written only now, when training starts: a run refused above leaves nothing behind.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.remove_partial(run_dir)
-    (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
-    reports = {"train": train.to_dict(), "eval": evaluation.to_dict() if evaluation else None}
-    (run_dir / rundir.DATA).write_text(json.dumps(reports, indent=2) + "\n")
+    # One process writes (rank 0); the others wait for it.
+    if procs.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.remove_partial(run_dir)
+        (run_dir / rundir.CONFIG).write_text(dump_yaml(cfg))
+        reports = {"train": train.to_dict(), "eval": evaluation.to_dict() if evaluation else None}
+        (run_dir / rundir.DATA).write_text(json.dumps(reports, indent=2) + "\n")
+    integrity.barrier()
 
     def manifest_for(state: Any) -> Manifest:
         summary = training_summary(
@@ -138,10 +148,11 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
         )
         if trainer.eval_dataset is not None and not evaluated:
             trainer.evaluate()
-        adapter_save.save_adapter(
-            model, processor, manifest_for(trainer.state), run_dir / rundir.ADAPTER, overwrite=True
+        integrity.save_checked(
+            trainer, processor, manifest_for(trainer.state), run_dir / rundir.ADAPTER, procs.main
         )
-        _plot(run_dir)
+        if procs.main:
+            _plot(run_dir)
     log.info("adapter written to %s", run_dir / rundir.ADAPTER)
     return run_dir
 
@@ -182,12 +193,14 @@ def load_processor(folder: Path, limits: dict[str, int]) -> Any:
 
 
 def prepare_data(
-    cfg: TrainConfig, processor: Any, family: families.Family
+    cfg: TrainConfig, processor: Any, family: families.Family, procs: distributed.World | None = None
 ) -> tuple[DataReport, DataReport | None]:
     """Check train (and eval) rows, refusing invalid rows unless skipping; split eval off train when asked;
     refuse sources the processor cannot batch."""
     from ..data import check_data
     from ..data.split import require_batchable, split_eval
+
+    procs = procs or distributed.World()
 
     train = check_data(cfg.data.train, processor, cfg.max_length, cfg.data.loss_on)
     train.enforce(cfg.data.skip_invalid)
@@ -209,14 +222,56 @@ def prepare_data(
     one_row = cfg.batch_size == 1 and not cfg.max_tokens_per_batch
     for report in (train, evaluation):
         if report is not None:
-            require_batchable(report, family, one_row_batches=one_row)
+            # Several processes add an image row to batches without images (training.batches), so the
+            # processor must take text-only rows next to an image row.
+            require_batchable(report, family, one_row_batches=one_row and procs.size == 1)
+            if (
+                procs.size > 1
+                and not family.mixed_image_batches
+                and any(not s.images for s in report.samples)
+            ):
+                raise VlmtuneError(
+                    f"{report.source} has text-only rows, and with several processes every batch needs an image "
+                    f"(so every process runs the vision tower), which {family.name}'s processor cannot add next to "
+                    "text-only rows; train in one process or move the text-only rows to their own run."
+                )
     return train, evaluation
 
 
-def load_model(folder: Path, precision: Precision) -> Any:
+def load_model(folder: Path, precision: Precision, cfg: TrainConfig, family: families.Family) -> Any:
+    """The base in the run's precision; with `quantization`, its language model quantized by bitsandbytes
+    (QLoRA) and prepared by PEFT for k-bit training (norms in fp32, input gradients on)."""
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(folder, dtype=precision.dtype)
+    if not cfg.quantization:
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=precision.dtype)
+    from peft import prepare_model_for_kbit_training
+
+    from ..infer import quant
+
+    compute = precision.dtype
+    # Under FSDP2 the 4-bit weights are stored as the compute dtype so they can be sharded (uint8 storage
+    # crashes or trains to NaN: accelerate #3983); elsewhere bitsandbytes' default uint8.
+    storage = compute if cfg.distributed == "fsdp2" else None
+    config = quant.bnb_config(cfg.quantization, family, compute, quant_storage=storage)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        dtype=compute,
+        quantization_config=config,
+        device_map={"": quant.train_device(precision.on_cpu)},
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def checkpoint_part(model: Any, family: families.Family, role: str) -> None:
+    """Gradient checkpointing in one tower only (`gradient_checkpointing: language | vision`)."""
+    prefix = "base_model.model." + family.prefix_of(role)
+    module = model.get_submodule(prefix)
+    if not hasattr(module, "gradient_checkpointing_enable"):
+        raise ConfigError(
+            f"gradient_checkpointing: {role}: {family.name}'s {role} model cannot checkpoint alone."
+        )
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def wrap_peft(model: Any, plan: TargetPlan, cfg: TrainConfig) -> Any:
@@ -254,7 +309,7 @@ def make_trainer(
     collator, loss and callbacks."""
     from .callbacks import CompleteCheckpoints, EpochSeed, MetricsLog
     from .loss import supervised_token_loss
-    from .trainer import VlmTrainer
+    from .trainer import DropImageOnlyGrads, VlmTrainer
 
     cfg, run_dir = setup.cfg, setup.run_dir
     eval_dataset = SampleDataset(setup.evaluation.samples) if setup.evaluation else None
@@ -265,14 +320,17 @@ def make_trainer(
         *_reporting(cfg, run_dir),
     ]
     collator = make_collator(cfg, processor, setup.family, model, setup.packed)
-    projector_params = []
+    several = distributed.world().size > 1
+    if several:
+        collator = ImageInEveryBatch(collator, setup.packed)
+    projector = set()
     if cfg.projector_lr is not None:
-        projector_params = [
-            p
+        projector = {
+            n
             for n, p in model.named_parameters()
             if p.requires_grad and _role(n, setup.family) == "projector"
-        ]
-    return VlmTrainer(
+        }
+    trainer = VlmTrainer(
         model=model,
         args=args,
         train_dataset=batches,
@@ -280,8 +338,17 @@ def make_trainer(
         data_collator=collator,
         callbacks=callbacks,
         compute_loss_func=supervised_token_loss,
-        group_lrs=[(projector_params, cfg.projector_lr)] if projector_params else [],
+        group_lrs=[(projector, cfg.projector_lr)] if projector else [],
+        strategy=cfg.distributed if several else None,
     )
+    if several:
+        image_only = {
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and _role(n, setup.family) in ("vision", "projector")
+        }
+        trainer.add_callback(DropImageOnlyGrads(trainer, image_only))
+    return trainer
 
 
 # -- helpers ----------------------------------------------------------------------------------------------

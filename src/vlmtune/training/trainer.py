@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 
 class VlmTrainer(Trainer):
@@ -17,12 +17,69 @@ class VlmTrainer(Trainer):
     Every step log also gets the interval's real (non-padding) tokens/s and padding ratio, so metrics.jsonl
     and the progress line show what padding costs (packed batches: 0)."""
 
-    def __init__(self, *args: Any, group_lrs: Sequence[tuple[list[Any], float]] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        group_lrs: Sequence[tuple[set[str], float]] = (),
+        strategy: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.strategy = strategy  # set when several processes train: the wrapper asserted before step 1
         super().__init__(*args, **kwargs)
-        self.group_lrs = list(group_lrs)
+        self.group_lrs = list(group_lrs)  # (parameter names, lr): names survive FSDP2's new parameters
         self.interval = TokenInterval()
 
+    def image_only_grads_to_none(self, image_only: set[str]) -> None:
+        """Before the optimizer step: if no process had a real image since the last step, the gradients of
+        the `image_only` parameters came from the every-rank image row alone; drop them (see batches)."""
+        import torch
+        import torch.distributed as dist
+
+        seen = torch.tensor([getattr(self, "real_images", 0)], device=self.args.device)
+        if dist.is_initialized():
+            dist.all_reduce(seen)
+        self.real_images = 0
+        if int(seen.item()) == 0:
+            for name, param in self.model.named_parameters():
+                if name in image_only:
+                    param.grad = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.strategy == "fsdp2" and not self.is_fsdp_enabled:
+            from .distributed import enable_fsdp_on_cpu
+
+            enable_fsdp_on_cpu(self)  # accelerate's CPU fallback to DDP, switched off (see distributed)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        from .batches import REAL_IMAGES
+
+        inputs.pop(REAL_IMAGES, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Several processes: every checkpoint's adapter comes from the one gather the final save uses
+        (`integrity.gather_adapter`), written by rank 0, then re-read by `CompleteCheckpoints`."""
+        if not self.strategy:
+            return super().save_model(output_dir, _internal_call)
+        from .integrity import gather_adapter
+
+        state = gather_adapter(self.accelerator.unwrap_model(self.model))
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+        return None
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        from .batches import REAL_IMAGES
+
+        real = inputs.pop(REAL_IMAGES, None)
+        if real is not None:
+            self.real_images = getattr(self, "real_images", 0) + int(real.sum().item())
+        if self.strategy and self.state.global_step == 0 and not getattr(self, "_wrapper_checked", False):
+            from .distributed import check_wrapped
+
+            check_wrapped(self.model_wrapped, self.strategy)
+            self._wrapper_checked = True
         self.interval.add(inputs, self.state.num_input_tokens_seen)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -35,12 +92,13 @@ class VlmTrainer(Trainer):
         if self.optimizer is not None or not self.group_lrs:
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
         groups = []
         for group in optimizer.param_groups:
             rest = list(group["params"])
             settings = {k: v for k, v in group.items() if k != "params"}
-            for params, lr in self.group_lrs:
-                ids = {id(p) for p in params}
+            for chosen_names, lr in self.group_lrs:
+                ids = {i for i, n in names.items() if n in chosen_names}
                 chosen = [p for p in rest if id(p) in ids]
                 rest = [p for p in rest if id(p) not in ids]
                 if chosen:
@@ -85,3 +143,14 @@ class TokenInterval:
         self.positions = self.real = 0
         self.started, self.tokens_at_start = now, tokens
         return out
+
+
+class DropImageOnlyGrads(TrainerCallback):
+    """Calls `VlmTrainer.image_only_grads_to_none` before every optimizer step (several processes only)."""
+
+    def __init__(self, trainer: VlmTrainer, image_only: set[str]) -> None:
+        self.trainer = trainer
+        self.image_only = image_only
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.image_only_grads_to_none(self.image_only)

@@ -1,0 +1,177 @@
+"""Multi-process training: the launch world, the strategy's Trainer arguments, and the preflight refusals.
+
+The strategies are the libraries' own: DDP and FSDP2 through transformers' Trainer and accelerate
+(`fsdp2_prepare_model`, `get_state_dict`), ZeRO-2/3 through DeepSpeed's config files. vlmtune only chooses:
+the family names its blocks (`Family.block_lists`) and each block's class becomes an FSDP2 unit, with the
+LoRA leaves inside a unit trained in fp32 (accelerate upcasts trainable parameters; FSDP2 needs a uniform
+dtype only among a group's trainable parameters).
+
+One exception, on CPU only: accelerate never selects FSDP for `MULTI_CPU` (its FSDP switch lists GPU-like
+devices) and would run DDP instead without saying so. `enable_fsdp_on_cpu` flips exactly that switch after
+the Accelerator is built, so on CPU the same accelerate wrap, gather and save code runs as on GPUs, and
+`check_wrapped` asserts the wrapper type before the first step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from ..config import ConfigError, TrainConfig
+from ..families import Family
+
+STRATEGIES = ("ddp", "fsdp2", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of this run, as torchrun / accelerate launch describe them in the environment."""
+
+    size: int = 1
+    rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def world() -> World:
+    return World(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
+
+
+def preflight(cfg: TrainConfig, world: World, cuda: bool, family: Family) -> None:
+    """Refuse, before anything is loaded or written, a setup whose strategy would not run as asked."""
+    strategy = cfg.distributed
+    if cfg.deepspeed and strategy not in ("zero2", "zero3"):
+        raise ConfigError(
+            f"deepspeed: {cfg.deepspeed} is set but distributed is {strategy}; set distributed: zero2 or zero3."
+        )
+    if strategy != "ddp" and world.size == 1:
+        raise ConfigError(
+            f"distributed: {strategy} shards over several processes, but this is one process (it would run "
+            "unsharded); launch with `vlmtune train CONFIG --nproc N`, torchrun or accelerate launch, or set "
+            "distributed: ddp."
+        )
+    if strategy in ("zero2", "zero3"):
+        if not cuda:
+            raise ConfigError(
+                f"distributed: {strategy} (DeepSpeed) needs CUDA GPUs; on CPU accelerate would quietly run DDP "
+                "instead. Use distributed: ddp or fsdp2 here."
+            )
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"distributed: {strategy} needs the deepspeed package: pip install deepspeed.")
+    if strategy == "fsdp2":
+        if not family.block_lists:
+            raise ConfigError(
+                f"distributed: fsdp2: the {family.name} family declares no blocks to shard (block_lists)."
+            )
+        if cfg.gradient_checkpointing in ("language", "vision"):
+            raise ConfigError(
+                f"gradient_checkpointing: {cfg.gradient_checkpointing} clashes with distributed: fsdp2, whose "
+                "activation checkpointing covers every sharded block (language and vision); set "
+                "gradient_checkpointing: true or false."
+            )
+        if cfg.quantization == "8bit":
+            raise ConfigError(
+                "quantization: 8bit cannot be sharded by FSDP2 (int8 weights); use quantization: 4bit (stored as "
+                "bf16 under FSDP2) or distributed: ddp."
+            )
+    if cfg.batch_size % world.size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch per step and must divide evenly over {world.size} "
+            f"processes; set batch_size to a multiple of {world.size}."
+        )
+    if world.size > 1 and (cfg.group_by_length or cfg.max_tokens_per_batch):
+        raise ConfigError(
+            "group_by_length and max_tokens_per_batch plan batches within one process; with several processes "
+            "use batch_size (or train in one process)."
+        )
+    if world.size > 1 and not family.mixed_image_batches:
+        return  # text-only rows are refused per batch by data.split for such families (see `dummy_row`)
+
+
+def per_device_batch(cfg: TrainConfig, world: World) -> int:
+    return cfg.batch_size // world.size
+
+
+def block_classes(model: Any, family: Family) -> list[str]:
+    """Class names of the family's blocks in this model (what FSDP2 wraps one by one)."""
+    names: list[str] = []
+    for path in family.block_lists:
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            raise ConfigError(
+                f"{family.name}: block list {path} is not in this model; this is a vlmtune bug."
+            ) from None
+        names += [type(b).__name__ for b in blocks.children()]
+    return list(dict.fromkeys(names))
+
+
+def strategy_arguments(cfg: TrainConfig, model: Any, family: Family) -> dict[str, Any]:
+    """TrainingArguments for the strategy (on top of `training_arguments`'s)."""
+    if cfg.distributed == "ddp":
+        # Every trainable parameter gets a gradient on every rank by construction (see `dummy_row`), so DDP
+        # need not search for unused ones; one that still gets none makes DDP fail loudly, never hang.
+        return {"ddp_find_unused_parameters": False}
+    if cfg.distributed == "fsdp2":
+        return {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "version": 2,
+                "transformer_layer_cls_to_wrap": block_classes(model, family),
+                "reshard_after_forward": True,
+                # Full state dicts on save: every checkpoint holds complete adapter files (gathered by
+                # accelerate's get_state_dict) that `check_saved` re-reads against the live shards.
+                "state_dict_type": "FULL_STATE_DICT",
+                "activation_checkpointing": bool(cfg.gradient_checkpointing),
+                "cpu_ram_efficient_loading": False,
+            },
+        }
+    return {"deepspeed": cfg.deepspeed or str(preset(cfg.distributed))}
+
+
+def preset(name: str) -> Any:
+    """The shipped DeepSpeed config for zero2 / zero3 (`vlmtune/training/presets/<name>.json`)."""
+    return resources.files(__package__) / "presets" / f"{name}.json"
+
+
+def enable_fsdp_on_cpu(trainer: Any) -> None:
+    """Make accelerate run its FSDP path on CPU (gloo), where it would silently fall back to DDP."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        raise ConfigError(
+            f"distributed: fsdp2 was asked for, but accelerate chose {state.distributed_type}; not training with "
+            "a strategy other than the one requested."
+        )
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def check_wrapped(model: Any, strategy: str) -> None:
+    """The model the Trainer trains is wrapped as `strategy` says (never assume the library did it)."""
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if not isinstance(model, FSDPModule) or len(units) < 2:
+            raise RuntimeError(
+                f"distributed: fsdp2 asked for, but the model is {type(model).__name__} ({len(units)} FSDP units)."
+            )
+    elif strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            raise RuntimeError(
+                f"distributed: ddp over several processes, but the model is {type(model).__name__}."
+            )

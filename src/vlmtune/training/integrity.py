@@ -1,0 +1,154 @@
+"""Every save counts only after it is re-read and compared with the live parameters.
+
+The written adapter file is read back on every process and each trainable parameter is compared with it:
+under FSDP2 each rank checks its own shard (the slice of the written tensor that `torch.chunk` gives its
+mesh position, as FSDP2 shards dim 0), so a gather that kept only rank 0's slice, wrote zeros for the rest
+(ZeRO-3's empty adapters, accelerate PR #4206) or mixed ranks up fails here, on every rank at once. Names go
+through PEFT's own `get_peft_model_state_dict`, the mapping the save used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import VlmtuneError
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def local_trainable(peft_model: Any) -> dict[str, Any]:
+    """Saved key -> this process's part of the live tensor (a DTensor stays a DTensor: `compare` slices)."""
+    from peft import get_peft_model_state_dict
+
+    live = {name: p.detach() for name, p in peft_model.named_parameters() if p.requires_grad}
+    return get_peft_model_state_dict(peft_model, state_dict=live)
+
+
+def mismatches(peft_model: Any, folder: Path) -> list[str]:
+    """What differs between `folder`'s adapter file and the live trainable parameters (empty: all equal)."""
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        return [f"{WEIGHTS} was not written"]
+    with safe_open(str(path), "pt") as f:
+        written = set(f.keys())
+        for key, live in local_trainable(peft_model).items():
+            if key not in written:
+                problems.append(f"{key} is missing")
+                continue
+            saved = f.get_tensor(key)
+            if saved.numel() == 0:
+                problems.append(f"{key} is empty")
+                continue
+            problem = compare(key, live, saved)
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def compare(key: str, live: Any, saved: Any) -> str | None:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(live, DTensor):
+        if tuple(live.shape) != tuple(saved.shape):
+            return f"{key} has shape {tuple(saved.shape)}, the live parameter {tuple(live.shape)}"
+        local, expected = live.to_local(), saved
+        for mesh_dim, placement in enumerate(live.placements):
+            if placement.is_shard():
+                pieces = saved.chunk(live.device_mesh.size(mesh_dim), dim=placement.dim)
+                index = live.device_mesh.get_local_rank(mesh_dim)
+                expected = pieces[index] if index < len(pieces) else saved.narrow(placement.dim, 0, 0)
+    else:
+        local, expected = live, saved
+    local = local.to("cpu", expected.dtype)
+    if tuple(local.shape) != tuple(expected.shape):
+        return f"{key} has shape {tuple(expected.shape)} here, the live parameter {tuple(local.shape)}"
+    if not bool((local == expected).all()):
+        return f"{key} differs from the live parameter (max |diff| {(local.float() - expected.float()).abs().max():.3g})"
+    return None
+
+
+def check_saved(peft_model: Any, folder: Path) -> None:
+    """Raise on every process when any process finds a difference (all processes must call this)."""
+    problems = mismatches(peft_model, folder)
+    failed = _count_everywhere(len(problems))
+    if failed:
+        detail = "; ".join(problems[:3]) if problems else "another process found differences"
+        raise VlmtuneError(
+            f"save integrity check failed for {folder}: what was written is not the trained adapter ({detail}); "
+            "it is not kept as a checkpoint. This is a bug in the gather of the distributed strategy; please report it."
+        )
+
+
+def _count_everywhere(n: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([n], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def gather_adapter(peft_model: Any) -> dict[str, Any]:
+    """Full CPU copies of the trainable parameters, on every process (a collective: all must call it).
+
+    Our own because accelerate's `get_state_dict` gathers the whole model, frozen base included, onto rank 0
+    (a 70B base in host memory to save megabytes of adapter), and on CPU it hands back views of FSDP2's
+    freed unsharded storage; torch's `DTensor.full_tensor` (FSDP2) and DeepSpeed's `GatheredParameters`
+    (ZeRO-3) gather only what the adapter holds."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Any] = {}
+    for name, param in peft_model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if isinstance(param, DTensor):
+            full = param.full_tensor()
+        elif hasattr(param, "ds_id"):  # a ZeRO-3 partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.data.clone()
+        else:
+            full = param.data
+        out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def save_checked(trainer: Any, processor: Any, manifest: Any, out: Path, main: bool) -> Path:
+    """The final adapter: gathered as the checkpoints are (`gather_adapter`), written by rank 0 into a
+    staging folder, re-read and checked on every process, and only then completed and renamed to `out`."""
+    import os
+    import shutil
+
+    from ..adapters.save import complete
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = gather_adapter(model)
+    staging = out.with_name(f".{out.name}.staging")
+    if main:
+        if staging.exists():
+            shutil.rmtree(staging)
+        model.save_pretrained(staging, state_dict=state)
+    barrier()
+    check_saved(model, staging)
+    if main:
+        complete(staging, processor, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    barrier()
+    return out
