@@ -129,10 +129,11 @@ class TensorRecord:
         import torch
 
         dtype = getattr(torch, dtypes.torch_name(self.dtype))
-        raw = self.read()
-        if not raw:
+        if not self.nbytes:
             return torch.empty(self.shape, dtype=dtype)
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(self.shape)
+        buf = bytearray(self.nbytes)  # read once into memory torch then owns (writable, no second copy)
+        self.read_into(np.frombuffer(buf, np.uint8))
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shape)
 
 
 def damaged(file: Path, what: str) -> DamagedFileError:
