@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VlmtuneError
+from ..io import DamagedFileError, read_file
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -27,25 +28,25 @@ def local_trainable(peft_model: Any) -> dict[str, Any]:
 
 def mismatches(peft_model: Any, folder: Path) -> list[str]:
     """What differs between `folder`'s adapter file and the live trainable parameters (empty: all equal)."""
-    from safetensors import safe_open
-
     problems: list[str] = []
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         return [f"{WEIGHTS} was not written"]
-    with safe_open(str(path), "pt") as f:
-        written = set(f.keys())
-        for key, live in local_trainable(peft_model).items():
-            if key not in written:
-                problems.append(f"{key} is missing")
-                continue
-            saved = f.get_tensor(key)
-            if saved.numel() == 0:
-                problems.append(f"{key} is empty")
-                continue
-            problem = compare(key, live, saved)
-            if problem:
-                problems.append(problem)
+    try:
+        written = read_file(path)  # the one reader: a header that does not add up is a problem too
+    except DamagedFileError as exc:
+        return [str(exc)]
+    for key, live in local_trainable(peft_model).items():
+        if key not in written:
+            problems.append(f"{key} is missing")
+            continue
+        saved = written[key].torch()
+        if saved.numel() == 0:
+            problems.append(f"{key} is empty")
+            continue
+        problem = compare(key, live, saved)
+        if problem:
+            problems.append(problem)
     return problems
 
 
