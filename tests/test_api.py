@@ -48,9 +48,15 @@ def test_import_vlmtune_does_not_import_torch():
 
 
 def test_adapters_exports_resolve():
+    from vlmtune.adapters import rules
+
+    data = {"RULES": rules.RULES}  # exported tables (no __name__): the module's own object
     for name in vlmtune.adapters.__all__:
-        value = getattr(vlmtune.adapters, name)
-        assert getattr(value, "__name__", name) == name
+        if name in data:
+            assert getattr(vlmtune.adapters, name) is data[name]
+        else:
+            assert getattr(vlmtune.adapters, name).__name__ == name
+    assert set(data) <= set(vlmtune.adapters.__all__)
     with pytest.raises(AttributeError):
         vlmtune.adapters.nothing_here  # noqa: B018
 
