@@ -12,6 +12,7 @@ import typer
 
 from . import families
 from .errors import VlmtuneError
+from .serve.settings import ServeSettings  # light (no torch, no FastAPI): its field defaults are the CLI's
 
 app = typer.Typer(
     name="vlmtune",
@@ -183,18 +184,21 @@ def chat(
 
 
 # --- serve ---
+SERVE = ServeSettings  # the defaults below are its fields' (class attributes): one place each is written
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
     adapter: AdapterOption = None,
     host: Annotated[
         str, typer.Option(help="bind address (non-loopback needs --api-key or --insecure)")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    ] = SERVE.host,
+    port: Annotated[int, typer.Option(help="TCP port")] = SERVE.port,
     api_key: Annotated[
         str | None, typer.Option(help="bearer key for every route but /health (default: env VLMTUNE_API_KEY)")
     ] = None,
-    insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without a key")] = False,
+    insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without a key")] = SERVE.insecure,
     adapter_dir: Annotated[
         Path | None, typer.Option(help="POST /v1/adapters may load folders inside this one (default: off)")
     ] = None,
@@ -204,15 +208,19 @@ def serve(
     ] = None,
     allow_remote_images: Annotated[
         bool, typer.Option(help="fetch http(s) image URLs (public addresses only)")
-    ] = False,
-    max_batch_size: Annotated[int, typer.Option(help="rows decoding together")] = 16,
-    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = 64,
-    max_tokens: Annotated[int, typer.Option(help="cap on max_tokens per request")] = 2048,
-    max_prompt_tokens: Annotated[int, typer.Option(help="cap on prompt tokens per request")] = 8192,
-    max_body_bytes: Annotated[int, typer.Option(help="cap on a request body")] = 20 * 2**20,
-    max_image_bytes: Annotated[int, typer.Option(help="cap on one image's encoded size")] = 10 * 2**20,
-    max_image_pixels: Annotated[int, typer.Option(help="cap on one image's width x height")] = 4096 * 4096,
-    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = "auto",
+    ] = SERVE.allow_remote_images,
+    max_batch_size: Annotated[int, typer.Option(help="rows decoding together")] = SERVE.max_batch_size,
+    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = SERVE.max_queue,
+    max_tokens: Annotated[int, typer.Option(help="cap on max_tokens per request")] = SERVE.max_tokens,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="prompt tokens per request")
+    ] = SERVE.max_prompt_tokens,
+    max_body_bytes: Annotated[int, typer.Option(help="cap on a request body")] = SERVE.max_body_bytes,
+    max_image_bytes: Annotated[int, typer.Option(help="one image's encoded size")] = SERVE.max_image_bytes,
+    max_image_pixels: Annotated[
+        int, typer.Option(help="one image's width x height")
+    ] = SERVE.max_image_pixels,
+    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: cuda if present)")] = None,
     quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
     print_vllm: Annotated[
@@ -222,7 +230,6 @@ def serve(
 ) -> None:
     """Serve the base and adapters with an OpenAI-compatible API and continuous batching."""
     from .infer.specs import parse_adapter_specs
-    from .serve import ServeSettings
     from .serve.run import print_vllm as vllm_line
     from .serve.run import serve as run_serve
 
@@ -246,7 +253,7 @@ def serve(
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
     )
-    run_serve(model, adapters, settings, dtype=dtype, device=device, quantization=quantization)
+    run_serve(model, adapters, settings, **given(dtype=dtype), device=device, quantization=quantization)
 
 
 # --- end serve ---
@@ -370,9 +377,9 @@ def ui(
     model: Annotated[str | None, typer.Option(help="base model for side-by-side answers")] = None,
     adapter: AdapterOption = None,
     host: Annotated[
-        str, typer.Option(help="address to bind; anything but loopback needs --token")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 7860,
+        str | None, typer.Option(help="address to bind (default: loopback); anything else needs --token")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: the dashboard's, see docs/ui.md)")] = None,
     token: Annotated[
         str | None, typer.Option(envvar="VLMTUNE_UI_TOKEN", help="required token (bearer header or login)")
     ] = None,
@@ -390,8 +397,7 @@ def ui(
         runs=list(runs or []),
         model=model,
         adapters=parse_adapter_specs(adapter or []),
-        host=host,
-        port=port,
+        **given(host=host, port=port),
         token=token,
         merge_dir=merge_dir,
     )
