@@ -1,4 +1,6 @@
-"""The `vlmtune` command: parses arguments and calls one library function per verb; no logic here."""
+"""The `vlmtune` command: parses arguments and calls one library function per verb; no logic here.
+
+The commands live here and in `servers` (serve, ui); `common` holds the app and the shared options."""
 
 from __future__ import annotations
 
@@ -6,21 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from . import families
-from .errors import VlmtuneError
-from .serve.settings import ServeSettings  # light (no torch, no FastAPI): its field defaults are the CLI's
-
-app = typer.Typer(
-    name="vlmtune",
-    help="The LoRA life cycle of vision-language models: train, run un-merged, merge, inspect.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+from .. import families
+from ..errors import VlmtuneError
+from .common import AdapterOption, app, given
 
 
 @app.command()
@@ -35,7 +29,7 @@ def tiny(
     max_shard_size: Annotated[str | None, typer.Option(help="split weights into shards, e.g. 200KB")] = None,
 ) -> None:
     """Write a tiny random checkpoint folder of a family (for tests, demos and benchmarks)."""
-    from . import tiny as tiny_mod
+    from .. import tiny as tiny_mod
 
     out = tiny_mod.write(
         family, out_dir, **given(size=size, seed=seed, layout=layout, max_shard_size=max_shard_size)
@@ -50,7 +44,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Say what a model or adapter folder is: family, roles, LoRA targets, fit to a base."""
-    from .inspection import inspect_path, render
+    from ..inspection import inspect_path, render
 
     report = inspect_path(path, base=base)
     typer.echo(json.dumps(report, indent=2) if as_json else render(report))
@@ -73,7 +67,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT")] = False,
 ) -> None:
     """Merge LoRA adapter(s) into the base, streaming tensor by tensor, into a standalone model folder."""
-    from .merging import merge as run_merge
+    from ..merging import merge as run_merge
 
     result = run_merge(
         base,
@@ -91,13 +85,6 @@ def merge(
 
 
 # --- inference ---
-AdapterOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--adapter",
-        help="[NAME=]DIR of an adapter to attach un-merged; repeat for several (NAME: folder name)",
-    ),
-]
 
 
 @app.command()
@@ -122,9 +109,9 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Run a dataset through the base and adapters (un-merged); write predictions, report scores and speed."""
-    from .infer import GenerationSettings
-    from .infer.predict import predict as run_predict
-    from .infer.specs import parse_adapter_specs
+    from ..infer import GenerationSettings
+    from ..infer.predict import predict as run_predict
+    from ..infer.specs import parse_adapter_specs
 
     settings = GenerationSettings(
         **given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
@@ -161,8 +148,8 @@ def chat(
     """Chat in the terminal with images; /adapter NAME switches adapters, /image PATH attaches an image."""
     from dataclasses import replace
 
-    from .infer.chat import CHAT_SETTINGS, start_chat
-    from .infer.specs import parse_adapter_specs
+    from ..infer.chat import CHAT_SETTINGS, start_chat
+    from ..infer.specs import parse_adapter_specs
 
     start_chat(
         model,
@@ -181,82 +168,6 @@ def chat(
 
 
 # --- end inference ---
-
-
-# --- serve ---
-SERVE = ServeSettings  # the defaults below are its fields' (class attributes): one place each is written
-
-
-@app.command()
-def serve(
-    model: Annotated[str, typer.Option(help="base model: local folder or hub id")],
-    adapter: AdapterOption = None,
-    host: Annotated[
-        str, typer.Option(help="bind address (non-loopback needs --api-key or --insecure)")
-    ] = SERVE.host,
-    port: Annotated[int, typer.Option(help="TCP port")] = SERVE.port,
-    api_key: Annotated[
-        str | None, typer.Option(help="bearer key for every route but /health (default: env VLMTUNE_API_KEY)")
-    ] = None,
-    insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without a key")] = SERVE.insecure,
-    adapter_dir: Annotated[
-        Path | None, typer.Option(help="POST /v1/adapters may load folders inside this one (default: off)")
-    ] = None,
-    image_dir: Annotated[
-        Path | None,
-        typer.Option(help="image paths / file:// URLs may name files inside this folder (default: off)"),
-    ] = None,
-    allow_remote_images: Annotated[
-        bool, typer.Option(help="fetch http(s) image URLs (public addresses only)")
-    ] = SERVE.allow_remote_images,
-    max_batch_size: Annotated[int, typer.Option(help="rows decoding together")] = SERVE.max_batch_size,
-    max_queue: Annotated[int, typer.Option(help="waiting requests before 429")] = SERVE.max_queue,
-    max_tokens: Annotated[int, typer.Option(help="cap on max_tokens per request")] = SERVE.max_tokens,
-    max_prompt_tokens: Annotated[
-        int, typer.Option(help="prompt tokens per request")
-    ] = SERVE.max_prompt_tokens,
-    max_body_bytes: Annotated[int, typer.Option(help="cap on a request body")] = SERVE.max_body_bytes,
-    max_image_bytes: Annotated[int, typer.Option(help="one image's encoded size")] = SERVE.max_image_bytes,
-    max_image_pixels: Annotated[
-        int, typer.Option(help="one image's width x height")
-    ] = SERVE.max_image_pixels,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: cuda if present)")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
-    print_vllm: Annotated[
-        bool,
-        typer.Option("--print-vllm", help="print the equivalent `vllm serve` line (or why not) and exit"),
-    ] = False,
-) -> None:
-    """Serve the base and adapters with an OpenAI-compatible API and continuous batching."""
-    from .infer.specs import parse_adapter_specs
-    from .serve.run import print_vllm as vllm_line
-    from .serve.run import serve as run_serve
-
-    adapters = parse_adapter_specs(adapter or [])
-    if print_vllm:
-        typer.echo(vllm_line(model, adapters))
-        return
-    settings = ServeSettings(
-        host=host,
-        port=port,
-        api_key=api_key,
-        insecure=insecure,
-        adapter_dir=adapter_dir,
-        image_dir=image_dir,
-        allow_remote_images=allow_remote_images,
-        max_batch_size=max_batch_size,
-        max_queue=max_queue,
-        max_tokens=max_tokens,
-        max_prompt_tokens=max_prompt_tokens,
-        max_body_bytes=max_body_bytes,
-        max_image_bytes=max_image_bytes,
-        max_image_pixels=max_image_pixels,
-    )
-    run_serve(model, adapters, settings, **given(dtype=dtype), device=device, quantization=quantization)
-
-
-# --- end serve ---
 
 
 # --- training ---
@@ -302,7 +213,7 @@ def train(
 ) -> None:
     """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/).
     Works unchanged under `torchrun` and `accelerate launch` (`-m vlmtune train CONFIG`)."""
-    from . import training
+    from .. import training
 
     _console_logging()
     if dry_run:
@@ -310,12 +221,12 @@ def train(
         typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
         return
     if check:
-        from .training.check import check_gradients
+        from ..training.check import check_gradients
 
         typer.echo(check_gradients(config, overrides or []).render())
         return
     if nproc is not None:
-        from .training.launch import launch
+        from ..training.launch import launch
 
         raise typer.Exit(launch(config, overrides or [], nproc))
     run_dir = training.run(config, overrides or [])
@@ -336,7 +247,7 @@ def data_check(
     show: Annotated[int, typer.Option(help="print at most this many row errors")] = 100,
 ) -> None:
     """Check every row as `vlmtune train` does (structure, images, tokens); exit 2 when any row is invalid."""
-    from .data.check import check_data, processor_for, render
+    from ..data.check import check_data, processor_for, render
 
     processor = processor_for(model) if model is not None else None
     report = check_data(file, processor=processor, max_length=max_length, **given(loss_on=loss_on))
@@ -356,7 +267,7 @@ def demo(
     """The life cycle on a tiny Qwen2-VL: predict, train, predict un-merged, merge, reload (report.json)."""
     from transformers.utils import logging as hf_logging
 
-    from .demo import run_demo
+    from ..demo import run_demo
 
     _console_logging()
     hf_logging.disable_progress_bar()  # the demo loads and saves tiny models often: keep its output readable
@@ -367,50 +278,7 @@ def demo(
 # --- end training ---
 
 
-# --- ui ---
-@app.command()
-def ui(
-    runs: Annotated[
-        list[Path] | None,
-        typer.Option("--runs", help="folder of run dirs (or one run dir); repeat for several"),
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="base model for side-by-side answers")] = None,
-    adapter: AdapterOption = None,
-    host: Annotated[
-        str | None, typer.Option(help="address to bind (default: loopback); anything else needs --token")
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="port (default: the dashboard's, see docs/ui.md)")] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="VLMTUNE_UI_TOKEN", help="required token (bearer header or login)")
-    ] = None,
-    merge_dir: Annotated[
-        Path | None, typer.Option(help="allow merges from the page, written only under this folder")
-    ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
-) -> None:
-    """A local web dashboard: runs with live curves, data as the model sees it, adapters side by side, merges."""
-    from .infer.specs import parse_adapter_specs
-    from .ui import UiSettings, run_ui
-
-    settings = UiSettings(
-        runs=list(runs or []),
-        model=model,
-        adapters=parse_adapter_specs(adapter or []),
-        **given(host=host, port=port),
-        token=token,
-        merge_dir=merge_dir,
-    )
-    run_ui(settings, device=device, **given(dtype=dtype))
-
-
-# --- end ui ---
-
-
-def given(**options: Any) -> dict[str, Any]:
-    """The options the user set: the rest are left to the library function, whose signature is the one
-    place a default is written."""
-    return {k: v for k, v in options.items() if v is not None}
+from . import servers  # noqa: E402, F401  (registers serve and ui after the commands above)
 
 
 def main() -> None:
