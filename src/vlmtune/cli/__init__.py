@@ -14,7 +14,17 @@ import typer
 
 from .. import families
 from ..errors import VlmtuneError
-from .common import AdapterOption, app, given
+from .common import (
+    AdapterOption,
+    DeviceOption,
+    DtypeOption,
+    QuantizationOption,
+    SampleOption,
+    TemperatureOption,
+    TopPOption,
+    app,
+    given,
+)
 
 
 @app.command()
@@ -95,16 +105,14 @@ def predict(
     adapter: AdapterOption = None,
     batch_size: Annotated[int | None, typer.Option(help="rows per forward")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens per row")] = None,
-    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
-    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
-    top_p: Annotated[float | None, typer.Option(help="nucleus sampling")] = None,
+    sample: SampleOption = False,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
     top_k: Annotated[int | None, typer.Option(help="top-k sampling")] = None,
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu | cuda | cuda:N | auto (default: cuda if present)")
-    ] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    quantization: QuantizationOption = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -138,12 +146,12 @@ def chat(
     image: Annotated[str | None, typer.Option(help="an image for the first message")] = None,
     use: Annotated[str | None, typer.Option(help="adapter to start with (default: the first)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="cap on generated tokens per reply")] = None,
-    sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
-    temperature: Annotated[float | None, typer.Option(help="sampling temperature")] = None,
-    top_p: Annotated[float | None, typer.Option(help="nucleus sampling")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
+    sample: SampleOption = False,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Chat in the terminal with images; /adapter NAME switches adapters, /image PATH attaches an image."""
     from dataclasses import replace

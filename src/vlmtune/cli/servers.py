@@ -10,7 +10,14 @@ import typer
 
 # Light (no torch, no FastAPI): its field defaults are the options' defaults.
 from ..serve.settings import ServeSettings
-from .common import AdapterOption, app, given
+from .common import (
+    AdapterOption,
+    DeviceOption,
+    DtypeOption,
+    QuantizationOption,
+    app,
+    given,
+)
 
 # --- serve ---
 SERVE = ServeSettings  # the defaults below are its fields' (class attributes): one place each is written
@@ -49,9 +56,9 @@ def serve(
     max_image_pixels: Annotated[
         int, typer.Option(help="one image's width x height")
     ] = SERVE.max_image_pixels,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: cuda if present)")] = None,
-    quantization: Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes)")] = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    quantization: QuantizationOption = None,
     print_vllm: Annotated[
         bool,
         typer.Option("--print-vllm", help="print the equivalent `vllm serve` line (or why not) and exit"),
@@ -107,8 +114,8 @@ def ui(
     merge_dir: Annotated[
         Path | None, typer.Option(help="allow merges from the page, written only under this folder")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (the checkpoint's) | bf16 | fp16 | fp32")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto")] = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """A local web dashboard: runs with live curves, data as the model sees it, adapters side by side, merges."""
     from ..infer.specs import parse_adapter_specs
