@@ -20,7 +20,14 @@ def pytest_configure(config) -> None:
     torch.set_num_threads(1)
 
 
-FAMILY_NAMES = ("qwen2_vl", "qwen2_5_vl", "llava", "mllama")
+def _family_names() -> tuple[str, ...]:
+    from vlmtune import families
+
+    return tuple(families.FAMILIES)
+
+
+# Every registered family: a new folder under families/ joins the whole test matrix with no edit here.
+FAMILY_NAMES = _family_names()
 
 
 @pytest.fixture(scope="session")

@@ -32,9 +32,9 @@ def test_detect_by_model_type(family_name, tiny_model):
 
 def test_unsupported_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedModelError) as err:
-        families.detect({"model_type": "gemma3"})
+        families.detect({"model_type": "fuyu"})
     message = str(err.value)
-    assert "gemma3" in message and "\n" not in message
+    assert "fuyu" in message and "\n" not in message
     for name in families.FAMILIES:
         assert name in message
 
@@ -88,7 +88,9 @@ def test_disk_names_map_to_runtime_names_of_real_save_pretrained(family_name, ti
     runtime = dict(model.state_dict())
     index = checkpoint.tensor_index(folder)
     mapping = family.runtime_index(index)
-    assert family.disk_layout(index) == layout
+    # Families whose hub checkpoints already use the runtime names (Qwen3-VL, Idefics3, GLM-4.1V...) have an
+    # empty key table: both layouts are the runtime one.
+    assert family.disk_layout(index) == (layout if family.keys.renames else "runtime")
     tied = families.tied_embeddings(checkpoint.read_config(folder))
     expected = set(runtime) - ({f"{family.prefix_of('lm_head')}.weight"} if tied else set())
     assert set(mapping) == expected

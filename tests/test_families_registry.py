@@ -259,3 +259,35 @@ def test_code_words_sees_every_kind_of_name(tmp_path):
     ):
         assert expected in words, expected
     assert not any("docstring" in word for word in words)
+
+
+def test_readme_families_tables_are_the_generated_ones():
+    from vlmtune.families import support
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    start, end = readme.index(support.BEGIN), readme.index(support.END) + len(support.END)
+    assert readme[start:end] == support.markdown(), (
+        "README is stale: paste `python -m vlmtune.families.support`"
+    )
+
+
+def test_support_table_marks_what_a_family_cannot_do():
+    from vlmtune.families import support
+
+    assert support.support(families.get("gemma3"))["projector LoRA"] == "no: use `full`"
+    assert support.support(families.get("mllama"))["vLLM after merge"].startswith("no: vLLM no longer serves")
+    assert "image_newline stays frozen" in support.support(families.get("llava_next"))["projector full"]
+
+
+def test_gemma3_projector_lora_says_use_full_and_full_trains_the_bare_weight(tiny_model):
+    from vlmtune.adapters.targets import TargetError, plan_targets
+
+    family = families.get("gemma3")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model("gemma3"), dtype=torch.float32)
+    with pytest.raises(TargetError, match=r"gemma3's projector has no Linear layer .* use projector: full"):
+        plan_targets(model, family, "language", projector="lora")
+    plan = plan_targets(model, family, "language", projector="full")
+    assert plan.full_modules == ["model.multi_modal_projector"]
+    assert (
+        plan.full_params["projector"] >= model.model.multi_modal_projector.mm_input_projection_weight.numel()
+    )

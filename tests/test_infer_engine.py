@@ -40,7 +40,7 @@ def adapters(tiny_model, tmp_path_factory):
                     seed=2,
                     r=8,
                     alpha=4,
-                    target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                    target_modules=r".*(?:language_model|text_model).*\.(q_proj|v_proj)",
                     modules_to_save=["lm_head"],
                 ),
                 "c": make_adapter(base, root / "c", seed=5, use_rslora=True),

@@ -20,8 +20,8 @@ PEFT_PREFIX = "base_model.model."
 
 # The language-model projections, written independently of vlmtune's family tables.
 LM_REGEX = (
-    r"model\.language_model\.layers\.\d+\.(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)"
-    r"|model\.language_model\.layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj)"
+    r"model\.(?:language_model|text_model)\.layers\.\d+\.(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)"
+    r"|model\.(?:language_model|text_model)\.layers\.\d+\.mlp\.(?:gate_proj|up_proj|down_proj)"
 )
 # A vision-tower LoRA per family (module paths as transformers 5 names them at runtime).
 VISION_REGEX = {
@@ -29,12 +29,30 @@ VISION_REGEX = {
     "qwen2_5_vl": r"model\.visual\.blocks\.\d+\.attn\.(?:qkv|proj)",
     "llava": r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
     "mllama": r"model\.vision_model\.transformer\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
+    "qwen3_vl": r"model\.visual\.blocks\.\d+\.attn\.(?:qkv|proj)",
+    "qwen3_5": r"model\.visual\.blocks\.\d+\.attn\.(?:qkv|proj)",
+    "glm4v": r"model\.visual\.blocks\.\d+\.attn\.(?:qkv|proj)",
+    "gemma3": r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
+    "llava_next": r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
+    "llava_onevision": r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
+    "internvl": r"model\.vision_tower\.encoder\.layer\.\d+\.attention\.(?:q_proj|v_proj)",
+    "idefics3": r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
+    "smolvlm": r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|v_proj)",
 }
 PROJECTOR = {
     "qwen2_vl": "model.visual.merger",
     "qwen2_5_vl": "model.visual.merger",
     "llava": "model.multi_modal_projector",
     "mllama": "model.multi_modal_projector",
+    "qwen3_vl": "model.visual.merger",
+    "qwen3_5": "model.visual.merger",
+    "glm4v": "model.visual.merger",
+    "gemma3": "model.multi_modal_projector",
+    "internvl": "model.multi_modal_projector",
+    "llava_next": "model.multi_modal_projector",
+    "llava_onevision": "model.multi_modal_projector",
+    "idefics3": "model.connector",
+    "smolvlm": "model.connector",
 }
 # Adapter keys as transformers < 4.52 wrote them (after PEFT's prefix), runtime prefix -> legacy prefix.
 LEGACY = {
@@ -53,6 +71,8 @@ LEGACY = {
         ("model.multi_modal_projector.", "multi_modal_projector."),
     ),
 }
+# LlavaModel-based families wrote their adapters as LLaVA did before 4.52.
+LEGACY.update(dict.fromkeys(("gemma3", "internvl", "llava_next", "llava_onevision"), LEGACY["llava"]))
 
 
 def image(seed: int = 0, size: int = 56) -> Any:

@@ -21,6 +21,7 @@ from test_infer_fixtures import (
     rewrite_keys,
     to_llava_format,
 )
+from vlmtune import families
 from vlmtune.infer import Request, load
 
 ATOL = 1e-4
@@ -39,6 +40,10 @@ def test_legacy_layout_adapter_equals_the_original(family_name, tiny_model, tmp_
     """Keys as pre-4.52 transformers wrote them (`base_model.model.model.layers...`, `...visual...`,
     `...language_model.model...`), for LoRA on the language model and the vision tower and a projector
     trained in full, give the original adapter's logits."""
+    if not families.get(family_name).keys.renames:
+        pytest.skip(
+            f"{family_name} checkpoints use the runtime names since release: no pre-4.52 layout exists"
+        )
     base = tiny_model(family_name)
     original = make_adapter(
         base,

@@ -122,6 +122,10 @@ def test_legacy_key_layout(tiny_model, family_name, tmp_path):
     `base_model.model.language_model.model.layers...` for LLaVA/Mllama), which PEFT itself cannot place."""
     base = tiny_model(family_name)
     family = family_of(base)
+    if not family.keys.renames:
+        pytest.skip(
+            f"{family_name} checkpoints use the runtime names since release: no pre-4.52 layout exists"
+        )
     adapter = make_adapter(base, tmp_path / "a", modules_to_save=[projector(family)])
     disk = disk_names(base)
     prefix = "base_model.model."

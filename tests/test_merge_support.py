@@ -29,12 +29,30 @@ BIASED = {
     "qwen2_5_vl": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
     "llava": r"model\.multi_modal_projector\.linear_(1|2)",
     "mllama": r"model\.multi_modal_projector",
+    "qwen3_vl": r"model\.visual\.merger\.linear_fc(1|2)",
+    "qwen3_5": r"model\.visual\.merger\.linear_fc(1|2)",
+    "gemma3": r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+    "internvl": r"model\.multi_modal_projector\.linear_(1|2)",
+    "idefics3": r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+    "smolvlm": r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+    "llava_next": r"model\.multi_modal_projector\.linear_(1|2)",
+    "llava_onevision": r"model\.multi_modal_projector\.linear_(1|2)",
+    "glm4v": r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
 }
 CONV = {
     "qwen2_vl": "model.visual.patch_embed.proj",
     "qwen2_5_vl": "model.visual.patch_embed.proj",
     "llava": "model.vision_tower.embeddings.patch_embedding",
     "mllama": "model.vision_model.patch_embedding",
+    "qwen3_vl": "model.visual.patch_embed.proj",
+    "qwen3_5": "model.visual.patch_embed.proj",
+    "gemma3": "model.vision_tower.embeddings.patch_embedding",
+    "internvl": "model.vision_tower.embeddings.patch_embeddings.projection",
+    "idefics3": "model.vision_model.embeddings.patch_embedding",
+    "smolvlm": "model.vision_model.embeddings.patch_embedding",
+    "llava_next": "model.vision_tower.embeddings.patch_embedding",
+    "llava_onevision": "model.vision_tower.embeddings.patch_embedding",
+    "glm4v": "model.visual.patch_embed.proj",
 }
 
 

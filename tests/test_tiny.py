@@ -21,6 +21,15 @@ EXPECTED_PROCESSORS = {
     "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLImageProcessor"),
     "llava": ("LlavaProcessor", "LlavaImageProcessor"),
     "mllama": ("MllamaProcessor", "MllamaImageProcessor"),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen2VLImageProcessor"),
+    "qwen3_5": ("Qwen3VLProcessor", "Qwen2VLImageProcessor"),
+    "gemma3": ("Gemma3Processor", "Gemma3ImageProcessor"),
+    "internvl": ("InternVLProcessor", "GotOcr2ImageProcessor"),
+    "idefics3": ("Idefics3Processor", "Idefics3ImageProcessor"),
+    "smolvlm": ("SmolVLMProcessor", "SmolVLMImageProcessor"),
+    "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessor"),
+    "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor"),
+    "glm4v": ("Glm4vProcessor", "Glm4vImageProcessor"),
 }
 
 

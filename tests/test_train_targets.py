@@ -18,6 +18,7 @@ from vlmtune import families
 from vlmtune.adapters.targets import NO_LORA_TARGETS, TargetError, plan_targets
 from vlmtune.cli import app
 from vlmtune.config import ConfigError
+from vlmtune.families.support import support
 from vlmtune.training import dry_run
 
 SETTINGS = {
@@ -45,6 +46,11 @@ def linear_names(model, prefix: str, exclude: tuple[str, ...] = ()) -> set[str]:
 def test_dry_run_counts_equal_peft(tiny_model, family_name, setting):
     base = tiny_model(family_name)
     options = SETTINGS[setting]
+    if options.get("projector") == "lora" and support(families.get(family_name))["projector LoRA"] != "yes":
+        # The support table says this family cannot: the one-line error says what to use instead.
+        with pytest.raises(TargetError, match=r"projector has no Linear layer .* use projector: full"):
+            dry_run(config(base, **options))
+        return
     plan = dry_run(config(base, **options))
     lora = {"r": 8, "dora": False, **options.get("lora", {})}
 
@@ -71,7 +77,9 @@ def test_dry_run_counts_equal_peft(tiny_model, family_name, setting):
     family = families.get(family_name)
     reference = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     language = linear_names(reference, family.prefix_of("language"))
-    vision = linear_names(reference, family.prefix_of("vision"), exclude=(family.prefix_of("projector"),))
+    vision = linear_names(
+        reference, family.prefix_of("vision"), exclude=tuple(family.prefixes_of("projector"))
+    )
     projector = {
         n
         for p in (p for r, p in family.role_prefixes if r == "projector")
@@ -82,7 +90,9 @@ def test_dry_run_counts_equal_peft(tiny_model, family_name, setting):
     if options.get("language") != "frozen":
         expected |= language
     if "vision" in str(options.get("lora", {}).get("targets", "")) or options.get("vision") == "lora":
-        expected |= {n for n in vision if re.search(r"(layers|blocks)\.\d+\.", n)}  # not patch/pos embeddings
+        expected |= {
+            n for n in vision if re.search(r"(layers|layer|blocks)\.\d+\.", n)
+        }  # not patch/pos embeddings
     if options.get("projector") == "lora":
         expected |= projector
     assert wrapped == expected

@@ -47,10 +47,16 @@ def corpus(seed: int = 0, lines: int = 4000) -> list[str]:
     return out
 
 
-def train_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 1024, seed: int = 0) -> Any:
+def train_tokenizer(
+    special_tokens: tuple[str, ...],
+    vocab_size: int = 1024,
+    seed: int = 0,
+    named_tokens: dict[str, str] | None = None,
+) -> Any:
     """A byte-level BPE tokenizer trained in-process, wrapped as a transformers fast tokenizer.
 
-    Special tokens take the first ids, in the order given.
+    Special tokens take the first ids, in the order given; `named_tokens` become model-specific token
+    attributes (`tokenizer.boi_token`), saved in tokenizer_config.json.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,7 +71,8 @@ def train_tokenizer(special_tokens: tuple[str, ...], vocab_size: int = 1024, see
         show_progress=False,
     )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096)
+    extra = {"extra_special_tokens": dict(named_tokens)} if named_tokens else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **extra)
 
 
 def configure_tokenizer(tokenizer: Any, spec: families.TinySpec) -> None:
@@ -94,7 +101,8 @@ def build(
     if tied and not family.can_tie_embeddings:
         raise VlmtuneError(f"{family.name} models cannot tie lm_head to the input embeddings.")
     spec = families.tiny_spec(family_name)
-    tokenizer = train_tokenizer(spec.special_tokens)  # same vocabulary whatever the weight seed
+    # same vocabulary whatever the weight seed
+    tokenizer = train_tokenizer(spec.special_tokens, named_tokens=dict(spec.named_tokens))
     configure_tokenizer(tokenizer, spec)
     tokens = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.special_tokens}
     raw = spec.config(size, tokens, len(tokenizer))

@@ -73,7 +73,10 @@ class Adapter:
 
     @property
     def full_modules(self) -> list[str]:
-        return sorted({name.rsplit(".", 1)[0] for name in self.full})
+        """The modules whose tensors the adapter replaces (PEFT `modules_to_save`): a module that holds a
+        parameter of its own (Gemma 3's projector weight) stands for its sub-modules too, as PEFT wrapped it."""
+        names = sorted({name.rsplit(".", 1)[0] for name in self.full})
+        return [n for n in names if not any(n.startswith(m + ".") for m in names)]
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

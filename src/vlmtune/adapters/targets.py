@@ -232,9 +232,17 @@ def _reject_role_switches(
 
 
 def _full_modules(family: Family, modules: dict[str, Any]) -> list[str]:
-    """The projector's top modules (PEFT `modules_to_save` entries) that exist in this model."""
+    """The projector's top modules (PEFT `modules_to_save` entries) that exist in this model. A container
+    (e.g. Qwen3-VL's `deepstack_merger_list`, a ModuleList PEFT cannot wrap) stands for its children."""
+    import torch
+
     prefixes = [p for role, p in family.role_prefixes if role == "projector"]
-    present = [p for p in prefixes if p in modules]
+    present = []
+    for p in (p for p in prefixes if p in modules):
+        if isinstance(modules[p], (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            present += [f"{p}.{child}" for child, _ in modules[p].named_children()]
+        else:
+            present.append(p)
     if not present:
         raise TargetError(
             f"{family.name}: no projector module found ({', '.join(prefixes)}); projector: full would do nothing."

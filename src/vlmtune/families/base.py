@@ -38,21 +38,20 @@ def alternation(names: Iterable[str]) -> str:
     return escaped[0] if len(escaped) == 1 else "(?:" + "|".join(escaped) + ")"
 
 
-def decoder_targets(
-    layers: str,
-    attention: Iterable[str] = ("self_attn",),
-    attention_leaves: Iterable[str] = ATTENTION_LEAVES,
-    mlp: str = "mlp",
-    mlp_leaves: Iterable[str] = MLP_LEAVES,
-) -> str:
+# A Llama-style decoder layer: (sub-module, its Linear leaves).
+DECODER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("self_attn", ATTENTION_LEAVES),
+    ("mlp", MLP_LEAVES),
+)
+
+
+def decoder_targets(layers: str, groups: Iterable[tuple[str, Iterable[str]]] = DECODER_GROUPS) -> str:
     """The LoRA target regex (re.fullmatch on runtime names) of a decoder's Linear layers: every
-    `<layers>.N.<attention>.<leaf>` and `<layers>.N.<mlp>.<leaf>`. Anchored to the layer stack, so a
-    vision tower reusing the same leaf names is never hit."""
-    parts = [f"{alternation(attention)}\\.{alternation(attention_leaves)}"]
-    leaves = tuple(mlp_leaves)
-    if leaves:
-        parts.append(f"{mlp.replace('.', chr(92) + '.')}\\.{alternation(leaves)}")
-    return f"{layers.replace('.', chr(92) + '.')}\\.\\d+\\.(?:{'|'.join(parts)})"
+    `<layers>.N.<group>.<leaf>`. Anchored to the layer stack, so a vision tower reusing the same leaf
+    names is never hit. Families whose layers differ pass their own groups (cross-attention, linear
+    attention, a fused MLP)."""
+    parts = [f"{alternation([module])}\\.{alternation(leaves)}" for module, leaves in groups]
+    return f"{alternation([layers])}\\.\\d+\\.(?:{'|'.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -162,6 +161,9 @@ class Family:
     can_tie_embeddings: bool = True
     # Processor attributes that carry training-time image limits, if the family has them.
     image_limit_keys: tuple[str, ...] = ()
+    # Bare `nn.Parameter`s (not inside a module PEFT could wrap) among the role prefixes, e.g. LLaVA-NeXT's
+    # `model.image_newline`: PEFT `modules_to_save` takes modules only, so `projector: full` leaves them frozen.
+    bare_parameters: tuple[str, ...] = ()
     # Processor outputs beyond TOKEN_ALIGNED_KEYS with one entry per token position (what truncation cuts).
     token_aligned_keys: tuple[str, ...] = ()
     # Whether the processor can batch rows without images together with rows that have images (Mllama's

@@ -38,6 +38,31 @@ def content_with_images(image_marker: str, video_marker: str | None = None) -> s
     )
 
 
+def chatml(
+    image_marker: str, video_marker: str | None = None, system: str = "You are a helpful assistant."
+) -> str:
+    """The ChatML template (Qwen, InternVL, LLaVA-OneVision), with `{% generation %}` around what the
+    assistant says (and its <|im_end|>), so `return_assistant_tokens_mask=True` marks exactly the
+    supervised tokens."""
+    return (
+        "{% for message in messages %}"
+        f"{{% if loop.first and message['role'] != 'system' %}}<|im_start|>system\n{system}<|im_end|>\n{{% endif %}}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['role'] == 'assistant' %}{% generation %}"
+        f"{TEXT_CONTENT}<|im_end|>{{% endgeneration %}}{{{{ '\\n' }}}}"
+        "{% else %}"
+        f"{content_with_images(image_marker, video_marker)}"
+        "<|im_end|>\n"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """How `vlmtune tiny` builds a random checkpoint of one family.
@@ -53,6 +78,8 @@ class TinySpec:
     chat_template: str
     # Tokenizer attribute -> special token, as the family's real tokenizer names them.
     token_roles: Mapping[str, str] = field(default_factory=dict)
+    # Model-specific named tokens the processor reads off the tokenizer (e.g. `boi_token`), saved with it.
+    named_tokens: Mapping[str, str] = field(default_factory=dict)
     post_init: Callable[[Any], None] | None = None
     # Where the text config lives in the raw config (overrides and tying go there).
     text_config_key: str = "text_config"

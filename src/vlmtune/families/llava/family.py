@@ -11,7 +11,8 @@ from __future__ import annotations
 from ..base import Family, KeyTable, Rename, decoder_targets
 from . import original
 
-# transformers/conversion_mapping.py, "llava" + "LlavaModel" + "CLIPVisionModel".
+# transformers/conversion_mapping.py, "llava" + "LlavaModel" + "CLIPVisionModel" (the table every
+# LlavaModel-based family shares: Gemma 3, InternVL, LLaVA-NeXT, LLaVA-OneVision).
 KEYS = KeyTable(
     (
         Rename("language_model.lm_head", "lm_head"),

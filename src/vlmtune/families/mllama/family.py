@@ -8,7 +8,7 @@ On disk (hub layout): `language_model.model.*`, `language_model.lm_head.*`, `vis
 
 from __future__ import annotations
 
-from ..base import Family, KeyTable, Rename, decoder_targets
+from ..base import ATTENTION_LEAVES, MLP_LEAVES, Family, KeyTable, Rename, decoder_targets
 
 # transformers/conversion_mapping.py: "MllamaModel" -> "LlavaModel", plus the top-level renames.
 KEYS = KeyTable(
@@ -37,7 +37,10 @@ FAMILY = Family(
         ("lm_head", "lm_head"),
     ),
     lora_target_patterns={
-        "language": decoder_targets("model.language_model.layers", attention=("self_attn", "cross_attn")),
+        "language": decoder_targets(
+            "model.language_model.layers",
+            (("self_attn", ATTENTION_LEAVES), ("cross_attn", ATTENTION_LEAVES), ("mlp", MLP_LEAVES)),
+        ),
         "vision": (
             r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+\."
             r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:fc1|fc2))"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tiny_kit import TEXT_CONTENT, TINY_SIZES, TinySpec, content_with_images
+from ..tiny_kit import TINY_SIZES, TinySpec, chatml
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -16,20 +16,8 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-# Qwen's ChatML template, with `{% generation %}` around what the assistant says (and its <|im_end|>),
-# so `return_assistant_tokens_mask=True` marks exactly the supervised tokens.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'assistant' %}{% generation %}"
-    f"{TEXT_CONTENT}<|im_end|>{{% endgeneration %}}{{{{ '\\n' }}}}"
-    "{% else %}"
-    f"{content_with_images('<|vision_start|><|image_pad|><|vision_end|>', '<|vision_start|><|video_pad|><|vision_end|>')}"
-    "<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHAT_TEMPLATE = chatml(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
 )
 
 SIZES = TINY_SIZES

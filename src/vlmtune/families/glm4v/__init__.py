@@ -1,0 +1,3 @@
+from .family import FAMILY
+
+__all__ = ["FAMILY"]

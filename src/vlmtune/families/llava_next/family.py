@@ -1,0 +1,27 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): LLaVA-1.5's modules plus `model.image_newline`, a
+bare `nn.Parameter` appended after each row of an anyres image grid, counted as projector.
+
+PEFT's `modules_to_save` wraps modules only, and the one module holding `image_newline` is the whole
+`model`; so `projector: full` trains `model.multi_modal_projector` and leaves `image_newline` frozen at its
+base value (the support table says so). Adapters from other tools that do carry a trained `image_newline`
+load and merge: it is placed as a full tensor like any other.
+
+On disk: the LLaVA hub layout, `image_newline` at the top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..base import Family
+from ..llava import FAMILY as LLAVA
+
+FAMILY: Family = dataclasses.replace(
+    LLAVA,
+    name="llava_next",
+    model_types=("llava_next",),
+    architecture="LlavaNextForConditionalGeneration",
+    foreign_formats=(),
+    packed_positions="",
+    bare_parameters=("model.image_newline",),
+)
