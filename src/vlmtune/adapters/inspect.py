@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -171,16 +172,21 @@ def guess_family(
     if declared is not None:
         return declared
     # The family whose role prefixes take every key with the least renaming (runtime names before its
-    # on-disk table, before foreign tools' tables, whose catch-all rules would take almost anything);
-    # families that share prefixes (Qwen2-VL and Qwen2.5-VL) agree on roles, so either reads the same.
-    best: tuple[int, Family] | None = None
-    modules = {split_key(k).module for k in tensors}
+    # on-disk table, before foreign tools' tables, whose catch-all rules would take almost anything), then
+    # whose LoRA target patterns take the most LoRA modules (GLM-4.1V has no language `gate_proj`); families
+    # that still tie share names and agree on roles (Qwen2-VL, Qwen2.5-VL), so the first reads the same.
+    best: tuple[tuple[int, int], Family] | None = None
+    split = [split_key(k) for k in tensors]
+    modules = {s.module for s in split}
+    lora = {s.module for s in split if s.is_lora}
     for family in families.FAMILIES.values():
         names = [layout for layout, _ in candidate_layouts(family)]
         used = [layout_of(m, family) for m in modules]
         if "unknown" in used:
             continue
-        score = max((names.index(u) for u in used), default=0)
+        patterns = [re.compile(p) for p in family.lora_target_patterns.values()]
+        misses = sum(not any(p.fullmatch(runtime_module(m, family)[0]) for p in patterns) for m in lora)
+        score = (max((names.index(u) for u in used), default=0), misses)
         if best is None or score < best[0]:
             best = (score, family)
     return best[1] if best else None
