@@ -67,9 +67,9 @@ def test_cli_tiny_writes_a_folder(tmp_path):
 
 
 def test_unsupported_model_is_one_line_not_a_traceback(tmp_path):
-    folder = tmp_path / "gemma"
+    folder = tmp_path / "fuyu"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "fuyu"}))
     result = subprocess.run(
         [sys.executable, "-m", "vlmtune", "inspect", str(folder)], capture_output=True, text=True, timeout=120
     )
@@ -77,6 +77,6 @@ def test_unsupported_model_is_one_line_not_a_traceback(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert "gemma3" in lines[0]
+    assert "fuyu" in lines[0]
     for name in families.FAMILIES:
         assert name in lines[0]

@@ -157,6 +157,9 @@ class Family:
     foreign_formats: tuple[ForeignFormat, ...] = ()
     # Why vLLM cannot serve this family at all ("" when it can).
     vllm_unsupported: str = ""
+    # Why `vlmtune serve`'s continuous-batching scheduler cannot batch it ("" when it can); the scheduler
+    # refuses such a model by its cache layers, this says so in the support table.
+    serve_unsupported: str = ""
     # Whether lm_head can share the input embeddings (Mllama's embedding table has 8 extra rows: never).
     can_tie_embeddings: bool = True
     # Processor attributes that carry training-time image limits, if the family has them.

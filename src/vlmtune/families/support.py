@@ -33,7 +33,7 @@ def support(family: Family) -> dict[str, str]:
         "un-merged": "yes",
         "mixed batches": "yes" if family.mixed_image_batches else "yes (image and text rows batch apart)",
         "merge": "yes",
-        "serve": "yes",
+        "serve": f"no: {family.serve_unsupported}" if family.serve_unsupported else "yes",
         "vLLM after merge": f"no: {family.vllm_unsupported}" if family.vllm_unsupported else "yes",
     }
 

@@ -34,4 +34,7 @@ FAMILY = Family(
         "vision": CLIP_TARGETS,
     },
     keys=KEYS,
+    serve_unsupported=(
+        "its sliding-window attention layers keep caches the continuous-batching scheduler cannot batch"
+    ),
 )

@@ -35,4 +35,5 @@ FAMILY = Family(
     },
     image_limit_keys=("min_pixels", "max_pixels"),
     token_aligned_keys=("mm_token_type_ids",),
+    serve_unsupported="its Gated DeltaNet layers keep linear-attention state the continuous-batching scheduler cannot batch",
 )
