@@ -3,8 +3,8 @@ bare `nn.Parameter` appended after each row of an anyres image grid, counted as 
 
 PEFT's `modules_to_save` wraps modules only, and the one module holding `image_newline` is the whole
 `model`; so `projector: full` trains `model.multi_modal_projector` and leaves `image_newline` frozen at its
-base value (the support table says so). Adapters from other tools that do carry a trained `image_newline`
-load and merge: it is placed as a full tensor like any other.
+base value (the support table says so). Adapters from other tools that carry a trained `image_newline`
+are not tested yet (its parent module for PEFT would be the whole `model`).
 
 On disk: the LLaVA hub layout, `image_newline` at the top level.
 """
