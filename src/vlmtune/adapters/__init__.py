@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .inspect import inspect_adapter
+    from .layout import AdapterError
     from .manifest import BaseInfo, Manifest, MergedManifest, read_manifest
     from .reader import Adapter, read_adapter
     from .rules import RULES, AdapterRefusedError
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "Adapter": "reader",
+    "AdapterError": "layout",
     "read_adapter": "reader",
     "inspect_adapter": "inspect",
     "BaseInfo": "manifest",
@@ -36,6 +38,7 @@ _WHERE = {
 __all__ = [
     "RULES",
     "Adapter",
+    "AdapterError",
     "AdapterRefusedError",
     "BaseInfo",
     "Manifest",

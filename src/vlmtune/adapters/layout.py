@@ -21,8 +21,9 @@ LORA_SLOTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_
 WRAPPERS = ("modules_to_save", "original_module", "base_layer")
 
 
-class AdapterKeyError(VlmtuneError):
-    """An adapter tensor cannot be placed on the base, or lands on the wrong shape."""
+class AdapterError(VlmtuneError, ValueError):
+    """An adapter folder that cannot be used as asked: incomplete, a setting vlmtune cannot apply faithfully,
+    a tensor that cannot be placed on the base or lands on the wrong shape."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,12 @@ def place(
         else:
             unplaced.append(split)
     if unplaced:
-        raise AdapterKeyError(diagnose(unplaced, family, base_params, source))
+        raise AdapterError(diagnose(unplaced, family, base_params, source))
     seen: dict[tuple[str, str], str] = {}
     for p in placements:
         slot_id = (p.module, p.key.slot)
         if slot_id in seen:
-            raise AdapterKeyError(
+            raise AdapterError(
                 f"{source}: keys {seen[slot_id]!r} and {p.key.source!r} both land on {p.module} ({p.key.slot}); "
                 "the file mixes two key layouts of the same weight. Keep one of them."
             )

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ..io import TensorRecord
-from .layout import AdapterKeyError
+from .layout import AdapterError
 from .reader import Adapter
 from .targets import NO_LORA_TARGETS
 
@@ -85,7 +85,7 @@ def load_weights(peft_model: Any, adapter: Adapter, adapter_name: str) -> None:
     mine = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
     missing = [k for k in result.missing_keys if mine.search(k)]
     if result.unexpected_keys or missing:
-        raise AdapterKeyError(
+        raise AdapterError(
             f"{adapter.path}: PEFT did not take the adapter as vlmtune placed it (unexpected keys: "
             f"{result.unexpected_keys[:5]}, missing keys: {missing[:5]}). This is a vlmtune bug; "
             "please report it with the output of `vlmtune inspect` for this adapter."

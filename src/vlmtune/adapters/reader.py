@@ -18,20 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import families
-from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
 from ..io import TensorRecord, check_loader_files, read_json, read_tensors
 from . import rules
-from .layout import AdapterKeyError, Placement, place
+from .layout import AdapterError, Placement, place
 from .manifest import Manifest, made_for, read_manifest
 from .rules import Finding, Use
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class AdapterFormatError(VlmtuneError):
-    """An adapter folder is incomplete, or uses a setting vlmtune cannot apply faithfully."""
 
 
 @dataclass
@@ -92,7 +87,7 @@ def find_weights(folder: Path) -> Path:
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return folder / name
-    raise AdapterFormatError(
+    raise AdapterError(
         f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}); an intermediate checkpoint of some "
         "tools stores them elsewhere: pass the folder that holds adapter_model.*."
     )
@@ -101,7 +96,7 @@ def find_weights(folder: Path) -> Path:
 def read_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
-        raise AdapterFormatError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
+        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
     return read_json(path, fix="restore the adapter_config.json saved with the weights")
 
 
@@ -127,7 +122,7 @@ def read_files(path: str | Path) -> AdapterFiles:
     extra tensor files (e.g. LLaVA's `non_lora_trainables.bin`) read beside the LoRA weights."""
     folder = Path(path)
     if not folder.is_dir():
-        raise AdapterFormatError(f"adapter folder {folder} does not exist.")
+        raise AdapterError(f"adapter folder {folder} does not exist.")
     config = read_config(folder)
     # its processor/tokenizer configs are loaded later by predict and copied by merge: parse them now
     check_loader_files(folder)
@@ -145,7 +140,7 @@ def read_files(path: str | Path) -> AdapterFiles:
         files.append(extra)
         for key, t in read_tensors(extra).items():
             if key in tensors:
-                raise AdapterFormatError(f"{folder}: {key} is in both {weights.name} and {name}.")
+                raise AdapterError(f"{folder}: {key} is in both {weights.name} and {name}.")
             tensors[key] = t
     return AdapterFiles(
         folder,
@@ -221,7 +216,7 @@ def build_modules(
         else:
             shape = tuple(base_params[p.target])
             if tuple(t.shape) != shape:
-                raise AdapterKeyError(
+                raise AdapterError(
                     f"{source}: {p.key.source} has shape {tuple(t.shape)} but the base's {p.target} is {shape}; "
                     "the adapter was made for a base of another size (a different checkpoint or vocabulary)."
                 )
@@ -237,7 +232,7 @@ def build_modules(
         )
         if a_key not in slots or b_key not in slots:
             missing = a_key if a_key not in slots else b_key
-            raise AdapterKeyError(
+            raise AdapterError(
                 f"{source}: {written[module]} has no {missing}; the adapter file is incomplete."
             )
         A, B = slots[a_key], slots[b_key]
@@ -248,7 +243,7 @@ def build_modules(
         alpha = float(pattern_value(alpha_pattern, name_in_file, config.get("lora_alpha", r)))
         rows = A.shape[0]
         if rows != r or B.shape[1] != rows:
-            raise AdapterKeyError(
+            raise AdapterError(
                 f"{source}: {written[module]} has rank {rows} in its tensors (lora_A {tuple(A.shape)}, lora_B "
                 f"{tuple(B.shape)}) but adapter_config.json says r={r}; the config and weights come from different "
                 "runs. Use the adapter_config.json saved with these weights."
@@ -307,7 +302,7 @@ def check_shapes(
         want_in, want_out = in_f, out_f
         got_in, got_out = A.shape[1], B.shape[0]
     if (got_in, got_out) != (want_in, want_out):
-        raise AdapterKeyError(
+        raise AdapterError(
             f"{source}: {written} expects a layer of {got_in} -> {got_out} features (lora_A {tuple(A.shape)}, "
             f"lora_B {tuple(B.shape)}), but the base's {module} is {want_in} -> {want_out} (weight {weight}); "
             "the adapter was made for another base size. Pass the base it was trained on."
@@ -327,7 +322,7 @@ def check_sizes(
     want = weight[1] if kind == "embedding" or (kind == "linear" and fan_in_fan_out) else weight[0]
     for what, t in extras.items():
         if t is not None and t.numel != want:
-            raise AdapterKeyError(
+            raise AdapterError(
                 f"{source}: {written} has a {what} of shape {tuple(t.shape)}, but the base layer (weight "
                 f"{weight}) has {want} output features; the adapter was made for another base size."
             )

@@ -10,19 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint
-from ..errors import VlmtuneError
 from ..fsutil import atomic_dir
 from ..io import read_file, read_json
+from .layout import AdapterError
 from .manifest import MANIFEST, BaseInfo, Manifest, read_manifest
 from .targets import TargetPlan
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST)
 PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
-
-
-class AdapterError(VlmtuneError, ValueError):
-    """An adapter dir that is incomplete or does not fit the base it is used with."""
 
 
 def base_info(model_id: str, folder: Path, config: dict[str, Any], family_name: str) -> BaseInfo:

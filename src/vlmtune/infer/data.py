@@ -12,10 +12,6 @@ from typing import Any
 from ..errors import VlmtuneError
 
 
-class PromptDataError(VlmtuneError, ValueError):
-    """Rows of a prediction data file that cannot be used; the message lists them."""
-
-
 @dataclass(frozen=True)
 class PromptRow:
     id: Any
@@ -57,7 +53,7 @@ def read_prompts(path: str | Path) -> list[PromptRow]:
     if errors:
         shown = "\n  ".join(errors[:10])
         more = f"\n  (and {len(errors) - 10} more)" if len(errors) > 10 else ""
-        raise PromptDataError(f"{len(errors)} row(s) of {path} cannot be used:\n  {shown}{more}")
+        raise VlmtuneError(f"{len(errors)} row(s) of {path} cannot be used:\n  {shown}{more}")
     if not rows:
-        raise PromptDataError(f"{path} has no rows.")
+        raise VlmtuneError(f"{path} has no rows.")
     return rows

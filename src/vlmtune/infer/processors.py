@@ -9,7 +9,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from ..adapters.reader import AdapterFormatError
+from ..adapters.layout import AdapterError
 from ..io import read_json
 from .types import InferenceError
 
@@ -62,7 +62,7 @@ class Processors:
             try:
                 processor = AutoProcessor.from_pretrained(path)
             except Exception as exc:  # transformers raises many kinds for an incomplete folder
-                raise AdapterFormatError(
+                raise AdapterError(
                     f"{path} has a processor config but its processor cannot be loaded ({type(exc).__name__}: "
                     f"{exc}); copy the tokenizer files beside it, or remove the processor config to use the base's."
                 ) from exc

@@ -18,10 +18,6 @@ from ..families import Family
 MODES = ("4bit", "8bit")
 
 
-class QuantizationUnavailableError(VlmtuneError):
-    """The platform cannot load a bitsandbytes-quantized model."""
-
-
 def check_platform(mode: str) -> None:
     """Raise a sentence the user can act on when `mode` cannot run here."""
     import torch
@@ -29,14 +25,14 @@ def check_platform(mode: str) -> None:
     if mode not in MODES:
         raise VlmtuneError(f"unknown quantization {mode!r}; choose {' or '.join(MODES)} (or leave it off).")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationUnavailableError(
+        raise VlmtuneError(
             f"quantization {mode} needs the bitsandbytes package, which is not installed; "
             "run `pip install bitsandbytes` and try again."
         )
     try:
         import bitsandbytes  # noqa: F401  (its import finds the native library for this platform)
     except Exception as exc:  # bitsandbytes raises several types when its native library cannot load
-        raise QuantizationUnavailableError(
+        raise VlmtuneError(
             f"quantization {mode}: bitsandbytes cannot run on this platform ({type(exc).__name__}: {exc}); "
             f"run without quantization{' or on a CUDA GPU' if not torch.cuda.is_available() else ''}."
         ) from None

@@ -35,10 +35,6 @@ UNITS = {
 }
 
 
-class ShardSizeError(VlmtuneError, ValueError):
-    """--max-shard-size is not a size."""
-
-
 def parse_size(size: str | int) -> int:
     """'5GB' -> 5_000_000_000, '200KiB' -> 204800, as transformers' `max_shard_size` reads them."""
     if isinstance(size, int):
@@ -50,11 +46,11 @@ def parse_size(size: str | int) -> int:
         try:
             value = int(float(number) * UNITS[unit])
         except (KeyError, ValueError):
-            raise ShardSizeError(
+            raise VlmtuneError(
                 f"max shard size {size!r} is not a size; write e.g. 5GB, 500MB or 2GiB."
             ) from None
     if value <= 0:
-        raise ShardSizeError(f"max shard size {size!r} must be positive.")
+        raise VlmtuneError(f"max shard size {size!r} must be positive.")
     return value
 
 

@@ -17,10 +17,6 @@ from .runs import Run, read_config
 DATA_URL_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/webp;base64,")
 
 
-class GalleryError(VlmtuneError):
-    """A side-by-side request that cannot run as asked."""
-
-
 @dataclass(frozen=True)
 class AdapterEntry:
     id: str  # 'engine/NAME' or 'run/RUN_ID'
@@ -59,18 +55,18 @@ def decode_image(data_url: str, max_bytes: int) -> bytes:
 
     prefix = next((p for p in DATA_URL_PREFIXES if data_url.startswith(p)), None)
     if prefix is None:
-        raise GalleryError(
+        raise VlmtuneError(
             "image must be a data URL of a PNG, JPEG or WebP image (data:image/png;base64,...)."
         )
     try:
         raw = base64.b64decode(data_url[len(prefix) :], validate=True)
     except (binascii.Error, ValueError):
-        raise GalleryError("image: the data URL is not valid base64.") from None
+        raise VlmtuneError("image: the data URL is not valid base64.") from None
     if len(raw) > max_bytes:
-        raise GalleryError(f"image is {len(raw)} bytes; the limit is {max_bytes}.")
+        raise VlmtuneError(f"image is {len(raw)} bytes; the limit is {max_bytes}.")
     problem = image_problem(raw)
     if problem is not None:
-        raise GalleryError(f"image: {problem[1]}")
+        raise VlmtuneError(f"image: {problem[1]}")
     return raw
 
 
@@ -87,13 +83,13 @@ def side_by_side(
     from ..infer import GenerationSettings, Request
 
     if engine is None:
-        raise GalleryError(
+        raise VlmtuneError(
             "no model is loaded: start the dashboard with --model BASE [--adapter NAME=DIR ...]."
         )
     if not adapters:
-        raise GalleryError("choose at least one adapter (or __base__).")
+        raise VlmtuneError("choose at least one adapter (or __base__).")
     if not prompt.strip():
-        raise GalleryError("the prompt is empty.")
+        raise VlmtuneError("the prompt is empty.")
     text = prompt
     if image is not None and "<image>" not in text:
         text = "<image>" + text

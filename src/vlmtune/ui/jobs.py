@@ -19,11 +19,7 @@ from ..errors import VlmtuneError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-class JobError(VlmtuneError):
-    """A merge the dashboard cannot start as asked."""
-
-
-class JobBusy(JobError):
+class JobBusy(VlmtuneError):
     """A merge is already running (one at a time: a merge uses every core)."""
 
 
@@ -53,11 +49,11 @@ class MergeJobs:
 
     def start(self, base: str | Path, adapters: list[Path], name: str, verify: bool = True) -> Job:
         if self.merge_dir is None:
-            raise JobError(
+            raise VlmtuneError(
                 "merging is off: start the dashboard with --merge-dir DIR to allow merges into DIR."
             )
         if not NAME.match(name) or name in (".", ".."):
-            raise JobError(
+            raise VlmtuneError(
                 f"output name {name!r}: use letters, digits, '_', '-' and '.' (up to 64, not starting with '.')."
             )
         out = self.merge_dir / name
@@ -65,7 +61,7 @@ class MergeJobs:
             if any(j.state == "running" for j in self.jobs.values()):
                 raise JobBusy("a merge is running; wait for it to end (one at a time).")
             if out.exists():
-                raise JobError(f"{out} exists; choose another name.")
+                raise VlmtuneError(f"{out} exists; choose another name.")
             job = Job(uuid.uuid4().hex[:12], name, str(base), [str(a) for a in adapters], str(out), verify)
             self.jobs[job.id] = job
         threading.Thread(target=self._run, args=(job,), name=f"merge-{name}", daemon=True).start()
@@ -94,7 +90,7 @@ class MergeJobs:
         try:
             return self.jobs[job_id]
         except KeyError:
-            raise JobError(f"no merge job {job_id!r}.") from None
+            raise VlmtuneError(f"no merge job {job_id!r}.") from None
 
     def merged_folders(self) -> list[dict[str, Any]]:
         """Finished merges on disk (any that a previous dashboard or `vlmtune merge` wrote there)."""
