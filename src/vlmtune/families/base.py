@@ -45,6 +45,20 @@ DECODER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def roles(*, projector: str | tuple[str, ...], vision: str, language: str) -> tuple[tuple[str, str], ...]:
+    """The role table every family here shares, most specific first: the projector prefixes (in some
+    families they sit inside the vision tower), the vision tower, the language model's input embeddings, the
+    language model, and the output head."""
+    projectors = (projector,) if isinstance(projector, str) else projector
+    return (
+        *(("projector", p) for p in projectors),
+        ("vision", vision),
+        ("embeddings", f"{language}.embed_tokens"),
+        ("language", language),
+        ("lm_head", "lm_head"),
+    )
+
+
 def decoder_targets(layers: str, groups: Iterable[tuple[str, Iterable[str]]] = DECODER_GROUPS) -> str:
     """The LoRA target regex (re.fullmatch on runtime names) of a decoder's Linear layers: every
     `<layers>.N.<group>.<leaf>`. Anchored to the layer stack, so a vision tower reusing the same leaf

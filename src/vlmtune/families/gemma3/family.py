@@ -14,7 +14,7 @@ bidirectionally), which training passes through and truncation cuts with the tok
 
 from __future__ import annotations
 
-from ..base import Family, decoder_targets
+from ..base import Family, decoder_targets, roles
 from ..llava.family import CLIP_TARGETS, KEYS
 
 FAMILY = Family(
@@ -22,12 +22,8 @@ FAMILY = Family(
     model_types=("gemma3",),
     architecture="Gemma3ForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.vision_tower.encoder.layers"),
-    role_prefixes=(
-        ("projector", "model.multi_modal_projector"),
-        ("vision", "model.vision_tower"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.multi_modal_projector", vision="model.vision_tower", language="model.language_model"
     ),
     lora_target_patterns={
         "language": decoder_targets("model.language_model.layers"),

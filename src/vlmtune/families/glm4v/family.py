@@ -6,19 +6,15 @@ preset names the fused leaf. Stored on disk under the runtime names.
 
 from __future__ import annotations
 
-from ..base import ATTENTION_LEAVES, Family, decoder_targets
+from ..base import ATTENTION_LEAVES, Family, decoder_targets, roles
 
 FAMILY = Family(
     name="glm4v",
     model_types=("glm4v",),
     architecture="Glm4vForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.visual.blocks"),
-    role_prefixes=(
-        ("projector", "model.visual.merger"),
-        ("vision", "model.visual"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.visual.merger", vision="model.visual", language="model.language_model"
     ),
     lora_target_patterns={
         "language": decoder_targets(

@@ -5,19 +5,15 @@ images into tiles plus a global view. Stored on disk under the runtime names. Sm
 
 from __future__ import annotations
 
-from ..base import Family, decoder_targets
+from ..base import Family, decoder_targets, roles
 
 FAMILY = Family(
     name="idefics3",
     model_types=("idefics3",),
     architecture="Idefics3ForConditionalGeneration",
     block_lists=("model.text_model.layers", "model.vision_model.encoder.layers"),
-    role_prefixes=(
-        ("projector", "model.connector"),
-        ("vision", "model.vision_model"),
-        ("embeddings", "model.text_model.embed_tokens"),
-        ("language", "model.text_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.connector", vision="model.vision_model", language="model.text_model"
     ),
     lora_target_patterns={
         "language": decoder_targets("model.text_model.layers"),

@@ -8,7 +8,7 @@ The language preset is anchored to `model.language_model.layers`, so the tower's
 
 from __future__ import annotations
 
-from ..base import Family, decoder_targets
+from ..base import Family, decoder_targets, roles
 from ..llava.family import KEYS
 
 FAMILY = Family(
@@ -16,12 +16,8 @@ FAMILY = Family(
     model_types=("internvl",),
     architecture="InternVLForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.vision_tower.encoder.layer"),
-    role_prefixes=(
-        ("projector", "model.multi_modal_projector"),
-        ("vision", "model.vision_tower"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.multi_modal_projector", vision="model.vision_tower", language="model.language_model"
     ),
     lora_target_patterns={
         "language": decoder_targets("model.language_model.layers"),

@@ -8,7 +8,7 @@ Original LLaVA training outputs (haotian-liu/LLaVA) use a third layout, read by 
 
 from __future__ import annotations
 
-from ..base import Family, KeyTable, Rename, decoder_targets
+from ..base import Family, KeyTable, Rename, decoder_targets, roles
 from . import original
 
 # transformers/conversion_mapping.py, "llava" + "LlavaModel" + "CLIPVisionModel" (the table every
@@ -32,13 +32,10 @@ FAMILY = Family(
     model_types=("llava",),
     architecture="LlavaForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.vision_tower.encoder.layers"),
-    role_prefixes=(
-        ("projector", "model.multi_modal_projector"),
-        ("projector", "model.image_newline"),
-        ("vision", "model.vision_tower"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector=("model.multi_modal_projector", "model.image_newline"),
+        vision="model.vision_tower",
+        language="model.language_model",
     ),
     lora_target_patterns={
         "language": decoder_targets("model.language_model.layers"),

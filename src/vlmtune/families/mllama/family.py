@@ -8,7 +8,7 @@ On disk (hub layout): `language_model.model.*`, `language_model.lm_head.*`, `vis
 
 from __future__ import annotations
 
-from ..base import ATTENTION_LEAVES, MLP_LEAVES, Family, KeyTable, Rename, decoder_targets
+from ..base import ATTENTION_LEAVES, MLP_LEAVES, Family, KeyTable, Rename, decoder_targets, roles
 
 # transformers/conversion_mapping.py: "MllamaModel" -> "LlavaModel", plus the top-level renames.
 KEYS = KeyTable(
@@ -29,12 +29,8 @@ FAMILY = Family(
         "model.vision_model.transformer.layers",
         "model.vision_model.global_transformer.layers",
     ),
-    role_prefixes=(
-        ("projector", "model.multi_modal_projector"),
-        ("vision", "model.vision_model"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.multi_modal_projector", vision="model.vision_model", language="model.language_model"
     ),
     lora_target_patterns={
         "language": decoder_targets(

@@ -6,15 +6,9 @@ On disk (hub layout, transformers' `Qwen2VLForConditionalGeneration` conversion)
 
 from __future__ import annotations
 
-from ..base import Family, KeyTable, Rename, decoder_targets
+from ..base import Family, KeyTable, Rename, decoder_targets, roles
 
-ROLE_PREFIXES = (
-    ("projector", "model.visual.merger"),
-    ("vision", "model.visual"),
-    ("embeddings", "model.language_model.embed_tokens"),
-    ("language", "model.language_model"),
-    ("lm_head", "lm_head"),
-)
+ROLE_PREFIXES = roles(projector="model.visual.merger", vision="model.visual", language="model.language_model")
 
 # transformers/conversion_mapping.py, "Qwen2VLForConditionalGeneration" (same for Qwen2.5-VL).
 KEYS = KeyTable(

@@ -9,7 +9,7 @@ causal `conv1d` and its `A_log` / `dt_bias` parameters (not Linear layers: LoRA 
 
 from __future__ import annotations
 
-from ..base import ATTENTION_LEAVES, MLP_LEAVES, Family, decoder_targets
+from ..base import ATTENTION_LEAVES, MLP_LEAVES, Family, decoder_targets, roles
 
 LINEAR_ATTENTION_LEAVES = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 
@@ -18,12 +18,8 @@ FAMILY = Family(
     model_types=("qwen3_5",),
     architecture="Qwen3_5ForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.visual.blocks"),
-    role_prefixes=(
-        ("projector", "model.visual.merger"),
-        ("vision", "model.visual"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector="model.visual.merger", vision="model.visual", language="model.language_model"
     ),
     lora_target_patterns={
         "language": decoder_targets(

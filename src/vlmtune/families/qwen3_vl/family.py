@@ -8,20 +8,17 @@ projector LoRA serves under vLLM's tower/connector flag unchanged.
 
 from __future__ import annotations
 
-from ..base import Family, decoder_targets
+from ..base import Family, decoder_targets, roles
 
 FAMILY = Family(
     name="qwen3_vl",
     model_types=("qwen3_vl",),
     architecture="Qwen3VLForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.visual.blocks"),
-    role_prefixes=(
-        ("projector", "model.visual.merger"),
-        ("projector", "model.visual.deepstack_merger_list"),
-        ("vision", "model.visual"),
-        ("embeddings", "model.language_model.embed_tokens"),
-        ("language", "model.language_model"),
-        ("lm_head", "lm_head"),
+    role_prefixes=roles(
+        projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        vision="model.visual",
+        language="model.language_model",
     ),
     lora_target_patterns={
         "language": decoder_targets("model.language_model.layers"),
