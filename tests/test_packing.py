@@ -209,8 +209,25 @@ def test_positions_restart_per_sample_with_the_text_row_first(tiny_model, data):
         start += n
 
 
-def test_the_core_families_declare_what_was_verified():
-    assert {"qwen2_vl", "qwen2_5_vl", "llava"} <= set(PACKABLE) and "mllama" in UNPACKABLE
+def test_the_families_declare_what_was_verified():
+    verified = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v", "llava", "internvl"}
+    assert verified <= set(PACKABLE) and {"mllama", "qwen3_5"} <= set(UNPACKABLE)
+
+
+@pytest.mark.parametrize("name", UNPACKABLE)
+def test_every_family_without_a_packed_path_says_why(name):
+    """Each undeclared family states its own reason (not the generic default), in one line."""
+    family = families.get(name)
+    default = families.Family.__dataclass_fields__["packing_unsupported"].default
+    assert family.packing_unsupported and family.packing_unsupported != default
+    with pytest.raises(PackingError) as raised:
+        choose("on", family, None)
+    assert family.packing_unsupported in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_qwen3_5_refuses_for_its_linear_attention():
+    with pytest.raises(PackingError, match=r"qwen3_5 has no exact packed path \(.*Gated DeltaNet.*seq_idx"):
+        choose("on", families.get("qwen3_5"), None)
 
 
 @pytest.mark.parametrize("name", UNPACKABLE)

@@ -30,6 +30,10 @@ FAMILY = Family(
         "vision": CLIP_TARGETS,
     },
     keys=KEYS,
+    packing_unsupported=(
+        "with 1-D positions its packed per-sample losses differ from one-sample runs (its token_type_ids "
+        "image-block mask is not rebuilt per sample on a packed row)"
+    ),
     serve_unsupported=(
         "its sliding-window attention layers keep caches the continuous-batching scheduler cannot batch"
     ),

@@ -27,4 +27,6 @@ FAMILY = Family(
         "projector": r"model\.visual\.merger\.(?:proj|gate_proj|up_proj|down_proj)",
     },
     token_aligned_keys=("mm_token_type_ids",),
+    packed_positions="rope_index",
+    rope_index_model="Glm4vModel",
 )

@@ -23,4 +23,8 @@ FAMILY = Family(
         ),
         "projector": r"model\.connector\.modality_projection\.proj",
     },
+    packing_unsupported=(
+        "its processor returns pixel tensors per row ([rows, images, ...], padded to the most images), "
+        "which do not concatenate along dim 0 across samples"
+    ),
 )

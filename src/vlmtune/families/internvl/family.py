@@ -28,4 +28,5 @@ FAMILY = Family(
         "projector": r"model\.multi_modal_projector\.linear_(?:1|2)",
     },
     keys=KEYS,
+    packed_positions="1d",
 )

@@ -23,5 +23,6 @@ FAMILY: Family = dataclasses.replace(
     architecture="LlavaNextForConditionalGeneration",
     foreign_formats=(),
     packed_positions="",
+    packing_unsupported="its anyres pixel_values are padded to the most patches per batch, which do not concatenate across samples",
     bare_parameters=("model.image_newline",),
 )

@@ -31,5 +31,9 @@ FAMILY = Family(
     },
     image_limit_keys=("min_pixels", "max_pixels"),
     token_aligned_keys=("mm_token_type_ids",),
+    packing_unsupported=(
+        "its Gated DeltaNet linear-attention layers carry state across a packed row: they need per-sample "
+        "seq_idx/cu_seqlens resets, which position ids alone do not give"
+    ),
     serve_unsupported="its Gated DeltaNet layers keep linear-attention state the continuous-batching scheduler cannot batch",
 )

@@ -27,4 +27,6 @@ FAMILY = Family(
     },
     image_limit_keys=("min_pixels", "max_pixels"),
     token_aligned_keys=("mm_token_type_ids",),
+    packed_positions="rope_index",
+    rope_index_model="Qwen3VLModel",
 )
