@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
+from safetensors.torch import load_file, save
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
@@ -80,3 +83,59 @@ def test_unsupported_model_is_one_line_not_a_traceback(tmp_path):
     assert "fuyu" in lines[0]
     for name in families.FAMILIES:
         assert name in lines[0]
+
+
+@pytest.fixture(scope="module")
+def servable(tiny_model):
+    return tiny_model("qwen2_vl")
+
+
+def test_a_complete_model_folder_is_vllm_servable(servable):
+    assert inspect_model(servable)["vllm"] == {"servable": True, "problems": []}
+
+
+def broken_copy(base, tmp_path, **changes):
+    """A copy of the tiny base with `changes` applied: file name -> None (removed) or new bytes/JSON."""
+    out = tmp_path / "model"
+    shutil.copytree(base, out)
+    for name, value in changes.items():
+        if value is None:
+            (out / name).unlink()
+        elif isinstance(value, dict):
+            (out / name).write_text(json.dumps(value))
+        else:
+            (out / name).write_bytes(value)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("what", "problem"),
+    [
+        ("no_template", "no chat template"),
+        ("no_tokenizer", "no tokenizer file"),
+        ("no_processor", "no image processor config"),
+        ("architecture", "not Qwen2VLForConditionalGeneration: vLLM picks its model class"),
+        ("adapter_files", "still holds PEFT adapter parts (adapter_config.json)"),
+        ("peft_keys", "still holds PEFT adapter parts (base_model.model."),
+        ("pickled", "holds only pickled .bin weights"),
+    ],
+)
+def test_model_folder_vllm_cannot_serve_says_why(servable, tmp_path, what, problem):
+    config = json.loads((servable / "config.json").read_text())
+    tensors = load_file(servable / "model.safetensors")
+    changes: dict = {
+        "no_template": {"chat_template.jinja": None},
+        "no_tokenizer": {"tokenizer.json": None},
+        "no_processor": {"processor_config.json": None},
+        "architecture": {"config.json": {**config, "architectures": ["Qwen2VLForCausalLM"]}},
+        "adapter_files": {"adapter_config.json": {"peft_type": "LORA"}},
+        "peft_keys": {"model.safetensors": save({f"base_model.model.{k}": v for k, v in tensors.items()})},
+        "pickled": {"model.safetensors": None},
+    }[what]
+    folder = broken_copy(servable, tmp_path, **changes)
+    if what == "pickled":
+        torch.save(tensors, folder / "pytorch_model.bin")
+    report = inspect_model(folder)["vllm"]
+    assert report["servable"] is False
+    assert len(report["problems"]) == 1 and problem in report["problems"][0], report["problems"]
+    assert "\n" not in report["problems"][0]

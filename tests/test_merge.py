@@ -31,6 +31,8 @@ from test_merge_support import (
     unmerged_model,
 )
 from vlmtune import checkpoint
+from vlmtune.families.support import support
+from vlmtune.inspection import inspect_path, vllm_cell
 from vlmtune.merging import merge
 
 
@@ -66,6 +68,10 @@ def test_lora_and_modules_to_save(tiny_model, family_name, tmp_path):
     assert result.tensors["merged"] == lora_modules > 0
     assert result.tensors["replaced"] > 0
     assert result.check["passed"] and result.check["changed_tensors_checked"] > 0
+    # `inspect` on the merged folder gives the README's "vLLM after merge" cell for the family.
+    verdict = inspect_path(out)["vllm"]
+    assert verdict["servable"] is not bool(family.vllm_unsupported), verdict
+    assert vllm_cell(verdict) == support(family)["vLLM after merge"]
 
 
 @pytest.mark.parametrize(

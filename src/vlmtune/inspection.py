@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint, families, modeling
 from .errors import VlmtuneError
+from .families import Family
 
 
 def inspect_model(path: str | Path) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         },
         "tied_embeddings": families.tied_embeddings(config),
     }
+    weights: dict[str, Any] = {}
     try:
         weights = checkpoint.tensor_index(folder)
         report["weights"] = {
@@ -55,7 +58,67 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         }
     except checkpoint.CheckpointError as exc:
         report["weights"] = {"error": str(exc)}
+    report["vllm"] = vllm_model_report(
+        family, Folder(folder, config, list(weights), report["weights"].get("error"))
+    )
     return report
+
+
+@dataclass(frozen=True)
+class Folder:
+    """What `vllm_model_report` reads of a model folder (inspect has read it already)."""
+
+    path: Path
+    config: dict[str, Any]
+    tensor_names: list[str]
+    weights_error: str | None = None
+
+
+# What a merged folder must be for `vllm serve FOLDER`, besides a family vLLM serves.
+VLLM_NEEDS = ("tokenizer", "processor", "chat_template")
+
+
+def vllm_model_report(family: Family, folder: Folder | None = None) -> dict[str, Any]:
+    """Whether vLLM can serve a model folder as it is (`vllm serve FOLDER`), one line per reason.
+
+    Without a folder, the family's verdict alone: what the README's "vLLM after merge" column shows, for a
+    folder as `vlmtune merge` writes it (every family's merged folder is inspected against the column in
+    tests/test_merge.py). A folder must also name the family's architecture in config.json (vLLM picks its
+    model class by it), hold safetensors weights with no PEFT leftovers, and the tokenizer, processor and
+    chat template files."""
+    from .adapters.layout import LORA_SLOTS, PEFT_PREFIX, WRAPPERS
+    from .merging.export import loader_gaps
+
+    problems = [family.vllm_unsupported] if family.vllm_unsupported else []
+    if folder is not None:
+        architectures = folder.config.get("architectures") or []
+        if family.architecture not in architectures:
+            problems.append(
+                f"config.json names architectures {architectures}, not {family.architecture}: vLLM picks "
+                "its model class by it; restore the base's config.json"
+            )
+        if folder.weights_error:
+            problems.append(folder.weights_error)
+        peft = [
+            n
+            for n in folder.tensor_names
+            if n.startswith(PEFT_PREFIX) or any(p in LORA_SLOTS or p in WRAPPERS for p in n.split("."))
+        ]
+        leftovers = sorted(p.name for p in folder.path.glob("adapter_*") if p.is_file())
+        if peft or leftovers:
+            shown = ", ".join((peft + leftovers)[:2])
+            problems.append(
+                f"it still holds PEFT adapter parts ({shown}): it is not a merged model; merge it with "
+                "`vlmtune merge BASE ADAPTER OUT` and serve OUT"
+            )
+        gaps = loader_gaps(folder.path)
+        problems += [f"{gaps[need]}: vLLM needs it" for need in VLLM_NEEDS if need in gaps]
+    return {"servable": not problems, "problems": problems}
+
+
+def vllm_cell(report: dict[str, Any]) -> str:
+    """A vLLM verdict as the support table writes it."""
+    return "yes" if report["servable"] else "no: " + "; ".join(report["problems"])
 
 
 def inspect_path(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:

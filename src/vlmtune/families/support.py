@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from ..inspection import vllm_cell, vllm_model_report
 from . import FAMILIES, Family
 
 FEATURES = (
@@ -34,7 +35,7 @@ def support(family: Family) -> dict[str, str]:
         "mixed batches": "yes" if family.mixed_image_batches else "yes (image and text rows batch apart)",
         "merge": "yes",
         "serve": f"no: {family.serve_unsupported}" if family.serve_unsupported else "yes",
-        "vLLM after merge": f"no: {family.vllm_unsupported}" if family.vllm_unsupported else "yes",
+        "vLLM after merge": vllm_cell(vllm_model_report(family)),
     }
 
 

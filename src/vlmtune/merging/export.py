@@ -113,23 +113,31 @@ def export_files(plan: Plan, folder: Path) -> dict[str, Any]:
 def missing_files(folder: Path) -> list[str]:
     """What a loader of a vision-language model will look for and not find (warnings: some bases lack
     them too, and then the merge cannot invent them)."""
-    warnings = []
+    return list(loader_gaps(folder).values())
+
+
+def loader_gaps(folder: Path) -> dict[str, str]:
+    """The loader files a model folder lacks, by what they are ("tokenizer", "processor", "chat_template",
+    "generation_config") -> a one-line warning; `inspect`'s vLLM verdict reads the same."""
+    gaps: dict[str, str] = {}
     if not any((folder / n).is_file() for n in TOKENIZER_FILES):
-        warnings.append(
+        gaps["tokenizer"] = (
             "no tokenizer file (tokenizer.json / tokenizer.model / vocab.json) in base or adapter"
         )
     if not any((folder / n).is_file() for n in PROCESSOR_FILES):
-        warnings.append("no image processor config (preprocessor_config.json / processor_config.json)")
+        gaps["processor"] = "no image processor config (preprocessor_config.json / processor_config.json)"
     has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file()
     for name in ("tokenizer_config.json", "processor_config.json"):
         path = folder / name
         if not has_template and path.is_file():  # parsed before (io.check_loader_files): no surprise here
             has_template = "chat_template" in read_json(path)
     if not has_template:
-        warnings.append("no chat template (chat_template.jinja / chat_template.json / tokenizer_config.json)")
+        gaps["chat_template"] = (
+            "no chat template (chat_template.jinja / chat_template.json / tokenizer_config.json)"
+        )
     if not (folder / "generation_config.json").is_file():
-        warnings.append("no generation_config.json: generation falls back to library defaults")
-    return warnings
+        gaps["generation_config"] = "no generation_config.json: generation falls back to library defaults"
+    return gaps
 
 
 def adapter_record(adapter: Adapter) -> MergedAdapter:
