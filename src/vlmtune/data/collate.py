@@ -106,6 +106,8 @@ class Collator:
     # -- encoding ---------------------------------------------------------------------------------------
     def encode(self, samples: Sequence[Sample], images: Sequence[list[Any]]) -> dict[str, Any]:
         """Processor outputs plus `labels` for a batch (no truncation)."""
+        from transformers import BatchFeature
+
         conversations = [to_messages(s) for s in samples]
         kwargs: dict[str, Any] = {"padding": True}
         if any(images):
@@ -115,10 +117,13 @@ class Collator:
                 conversations,
                 tokenize=True,
                 return_dict=True,
-                return_tensors="pt",
+                # NumPy, converted below: transformers' assistant-mask pass walks the offset mapping token by
+                # token, and on torch tensors that walk made encoding ~2x slower (outputs are equal).
+                return_tensors="np",
                 return_assistant_tokens_mask=self.use_markers and self.loss_on == "assistant",
                 processor_kwargs=kwargs,
             )
+            out = BatchFeature(dict(out), tensor_type="pt")
         except Exception as exc:
             rows = ", ".join(s.where for s in samples)
             raise VlmtuneError(
