@@ -9,14 +9,17 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import FAMILY_NAMES
 from test_infer_fixtures import (
     LM_REGEX,
+    PROJECTOR,
     VISION_REGEX,
     legacy_key,
     make_adapter,
     rewrite_keys,
     to_llava_format,
 )
+from vlmtune import families
 from vlmtune.adapters.inspect import inspect_adapter
 from vlmtune.cli import app
 from vlmtune.inspection import inspect_path
@@ -31,7 +34,6 @@ def made(tiny_model, tmp_path_factory):
         "llava": tiny_model("llava"),
         "mllama": tiny_model("mllama"),
         "projector": make_adapter(qwen, root / "projector", seed=41, modules_to_save=["model.visual.merger"]),
-        "plain": make_adapter(qwen, root / "plain", seed=42, r=8, alpha=16),
         "rank32": make_adapter(qwen, root / "rank32", seed=43, r=32, alpha=16, use_rslora=True),
         "vision": make_adapter(
             qwen, root / "vision", seed=44, target_modules=f"{LM_REGEX}|{VISION_REGEX['qwen2_vl']}"
@@ -82,20 +84,75 @@ def test_rslora_scaling_and_legacy_layout(made, tmp_path):
     assert report["lora"]["roles"] == ["language", "vision"]
 
 
-def test_vllm_servable_as_is(made):
-    plain = inspect_adapter(made["plain"])["vllm"]
-    assert plain == {"servable_as_is": True, "problems": [], "flags": ["--enable-lora"], "notes": []}
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def per_family(request, tiny_model, tmp_path_factory):
+    """One family's tiny base and three PEFT adapters on it: language LoRA, language LoRA plus the projector
+    trained fully (modules_to_save), and language plus vision-tower LoRA (None where the family has none)."""
+    name = request.param
+    base = tiny_model(name)
+    root = tmp_path_factory.mktemp(f"vllm-{name}")
+    family = families.get(name)
+    return {
+        "name": name,
+        "family": family,
+        "base": base,
+        "plain": make_adapter(base, root / "plain", seed=51),
+        "projector": make_adapter(base, root / "projector", seed=52, modules_to_save=[PROJECTOR[name]]),
+        "vision": make_adapter(
+            base, root / "vision", seed=53, target_modules=f"{LM_REGEX}|{VISION_REGEX[name]}"
+        )
+        if "vision" in family.lora_target_patterns
+        else None,
+    }
+
+
+def family_problem(family) -> list[str]:
+    """The problems a plain adapter of this family has: the family's own declaration, or none."""
+    return [family.vllm_unsupported] if family.vllm_unsupported else []
+
+
+def test_vllm_verdict_of_a_language_lora_is_the_familys(per_family):
+    for base in (None, per_family["base"]):
+        report = inspect_adapter(per_family["plain"], base=base)
+        assert report["family"] == per_family["name"]
+        vllm = report["vllm"]
+        want = family_problem(per_family["family"])
+        assert (
+            vllm["servable_as_is"] is (not want) and vllm["flags"] == ["--enable-lora"] and not vllm["notes"]
+        )
+        assert len(vllm["problems"]) == len(want)
+        assert all(w in p for w, p in zip(want, vllm["problems"], strict=True)), vllm["problems"]
+    assert report["fit"]["fits"] is True
+
+
+def test_vllm_refuses_a_fully_trained_projector_of_every_family(per_family):
+    vllm = inspect_adapter(per_family["projector"])["vllm"]
+    assert vllm["servable_as_is"] is False
+    (problem,) = [p for p in vllm["problems"] if "modules_to_save, which vLLM rejects" in p]
+    assert PROJECTOR[per_family["name"]] in problem and "vlmtune merge" in problem
+    assert len(vllm["problems"]) == 1 + len(family_problem(per_family["family"]))
+
+
+def test_vllm_verdict_of_vision_lora_needs_the_tower_flag(per_family):
+    if per_family["vision"] is None:
+        pytest.skip(f"{per_family['name']} has no vision LoRA")
+    report = inspect_adapter(per_family["vision"])
+    assert report["lora"]["roles"] == ["language", "vision"]
+    vllm = report["vllm"]
+    assert vllm["servable_as_is"] is (not family_problem(per_family["family"]))
+    assert len(vllm["problems"]) == len(family_problem(per_family["family"]))
+    assert vllm["flags"] == ["--enable-lora", "--enable-tower-connector-lora"]
+    assert "silently ignores it otherwise" in vllm["notes"][0]
+
+
+def test_vllm_rank_above_the_default_needs_the_flag(made):
     rank32 = inspect_adapter(made["rank32"])["vllm"]
     assert rank32["servable_as_is"] and "--max-lora-rank 32" in rank32["flags"]
-    vision = inspect_adapter(made["vision"])["vllm"]
-    assert vision["servable_as_is"] and "--enable-tower-connector-lora" in vision["flags"]
-    assert "silently ignores it otherwise" in vision["notes"][0]
 
 
 @pytest.mark.parametrize(
     ("adapter", "problem"),
     [
-        ("projector", "modules_to_save, which vLLM rejects"),
         ("dora", "DoRA adapter, which vLLM does not support"),
         ("head", "LoRA on lm_head, which vLLM rejects"),
     ],
