@@ -177,11 +177,11 @@ def guess_family(
     # that still tie share names and agree on roles (Qwen2-VL, Qwen2.5-VL), so the first reads the same.
     best: tuple[tuple[int, int], Family] | None = None
     split = [split_key(k) for k in tensors]
-    modules = {s.module for s in split}
+    params = {s.written for s in split}
     lora = {s.module for s in split if s.is_lora}
     for family in families.FAMILIES.values():
         names = [layout for layout, _ in candidate_layouts(family)]
-        used = [layout_of(m, family) for m in modules]
+        used = [layout_of(p, family) for p in params]
         if "unknown" in used:
             continue
         patterns = [re.compile(p) for p in family.lora_target_patterns.values()]
@@ -204,6 +204,17 @@ def runtime_module(written: str, family: Family | None) -> tuple[str, str | None
     return written, None
 
 
+def runtime_param(written: str, family: Family | None) -> str:
+    """The runtime name of a replaced parameter as written, through the first layout that gives it a role."""
+    if family is None:
+        return written
+    for _, table in candidate_layouts(family):
+        name = table.to_runtime(written)
+        if family.role_of(name) is not None:
+            return name
+    return written
+
+
 def describe_keys(
     tensors: Mapping[str, Any], config: Mapping[str, Any], family: Family | None
 ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
@@ -214,12 +225,12 @@ def describe_keys(
     layouts: set[str] = set()
     for key, tensor in tensors.items():
         split = split_key(key)
-        name, _ = runtime_module(split.module, family)
         if family is not None:
-            layouts.add(layout_of(split.module, family))
+            layouts.add(layout_of(split.written, family))
         if not split.is_lora:
-            full.append(f"{name}.{split.slot}")
+            full.append(runtime_param(split.written, family))
             continue
+        name, _ = runtime_module(split.module, family)
         entry = lora.setdefault(name, {"module": name, "written": split.module, "dora": False})
         if split.slot in ("lora_A.weight", "lora_embedding_A"):
             entry["r"] = tensor.shape[0]  # lora_A is (r, in) or (r, in, k...); lora_embedding_A is (r, vocab)
@@ -254,9 +265,9 @@ def describe_keys(
 
 
 def layout_of(written: str, family: Family) -> str:
+    """The first layout that gives the parameter name as written a role."""
     for layout, table in candidate_layouts(family):
-        name = table.to_runtime(written + ".weight")[: -len(".weight")]
-        if family.role_of(name) is not None:
+        if family.role_of(table.to_runtime(written)) is not None:
             return layout
     return "unknown"
 
@@ -295,8 +306,14 @@ def summarize(modules: list[dict[str, Any]], config: Mapping[str, Any]) -> dict[
     }
 
 
+def trained_unit(name: str, family: Family | None) -> str:
+    """What a fully replaced tensor trains: its module, or itself when it is a bare parameter (whose module
+    would be the whole model, see `Adapter.bare`)."""
+    return name if family is not None and name in family.bare_parameters else name.rsplit(".", 1)[0]
+
+
 def full_modules(full: list[str], family: Family | None) -> dict[str, Any]:
-    modules = sorted({name.rsplit(".", 1)[0] for name in full})
+    modules = sorted({trained_unit(name, family) for name in full})
     return {
         "modules": modules,
         "roles": sorted({(family.role_of(m) if family else None) or "other" for m in modules}),
@@ -320,7 +337,7 @@ def vllm_report(
             foreign.vllm_problem or f"it is {foreign.what}; vLLM reads PEFT adapter folders only."
         )
     if full:
-        shown = ", ".join(sorted({n.rsplit(".", 1)[0] for n in full})[:4])
+        shown = ", ".join(sorted({trained_unit(n, family) for n in full})[:4])
         problems.append(
             f"it trains whole modules ({shown}), stored as modules_to_save, which vLLM rejects (vllm #9280). "
             "Merge it with `vlmtune merge` and serve the merged model."

@@ -39,6 +39,12 @@ class SplitKey:
     def is_lora(self) -> bool:
         return self.slot.split(".")[0] in LORA_SLOTS
 
+    @property
+    def written(self) -> str:
+        """The base parameter the key is about, as written: a LoRA's weight, or the replaced parameter (a
+        parameter at the root, such as LLaVA-NeXT's `image_newline` in the hub layout, has no module)."""
+        return f"{self.module}.weight" if self.is_lora else ".".join(filter(None, (self.module, self.slot)))
+
 
 def strip_prefix(key: str) -> str:
     """Remove PEFT's `base_model.model.` (and the extra `model.` LLaVA's scripts sometimes add)."""
@@ -107,7 +113,7 @@ def place(
     layouts = candidate_layouts(family)
     for key in keys:
         split = split_key(key)
-        written = f"{split.module}.weight" if split.is_lora else f"{split.module}.{split.slot}"
+        written = split.written
         for layout, table in layouts:
             target = table.to_runtime(written)
             if target in base_params:

@@ -44,8 +44,11 @@ def peft_config(adapter: Adapter) -> dict[str, Any]:
     }
 
 
-def peft_state_dict(adapter: Adapter) -> dict[str, TensorRecord]:
-    """Tensors under the keys PEFT saves (runtime names, adapter name removed)."""
+def peft_state_dict(adapter: Adapter, *, bare: bool = False) -> dict[str, TensorRecord]:
+    """Tensors under the keys PEFT saves (runtime names, adapter name removed). The adapter's bare
+    parameters (`Adapter.bare`) only with `bare=True`: PEFT loads them into the base parameter itself,
+    which is right for a model that runs this one adapter (the merge's reference), never for a base shared
+    by several (un-merged inference swaps them in per forward instead, see `infer.registry`)."""
     out: dict[str, TensorRecord] = {}
     for m in adapter.lora.values():
         base = f"base_model.model.{m.module}"
@@ -58,7 +61,8 @@ def peft_state_dict(adapter: Adapter) -> dict[str, TensorRecord]:
         if m.magnitude is not None:
             out[f"{base}.lora_magnitude_vector"] = m.magnitude
     for name, t in adapter.full.items():
-        out[f"base_model.model.{name}"] = t
+        if bare or name not in adapter.bare:
+            out[f"base_model.model.{name}"] = t
     return out
 
 
@@ -75,12 +79,13 @@ def lora_config(adapter: Adapter) -> tuple[Any, list[str]]:
     return LoraConfig(**config), dropped
 
 
-def load_weights(peft_model: Any, adapter: Adapter, adapter_name: str) -> None:
-    """Load the adapter's tensors into `adapter_name` of a PEFT model; fail on any unexpected key or any
-    LoRA / modules_to_save key of that adapter left missing (PEFT itself would only warn)."""
+def load_weights(peft_model: Any, adapter: Adapter, adapter_name: str, *, bare: bool = False) -> None:
+    """Load the adapter's tensors into `adapter_name` of a PEFT model (its bare parameters into the base
+    only with `bare=True`, see `peft_state_dict`); fail on any unexpected key or any LoRA /
+    modules_to_save key of that adapter left missing (PEFT itself would only warn)."""
     from peft import set_peft_model_state_dict
 
-    state = {key: t.torch() for key, t in peft_state_dict(adapter).items()}
+    state = {key: t.torch() for key, t in peft_state_dict(adapter, bare=bare).items()}
     result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter_name)
     mine = re.compile(rf"\.{re.escape(adapter_name)}(\.|$)")
     missing = [k for k in result.missing_keys if mine.search(k)]

@@ -61,16 +61,28 @@ class Adapter:
     findings: list[Finding] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     unchanged_copies: list[str] = field(default_factory=list)  # base weights saved as they are: dropped
+    # The family's bare parameters (`Family.bare_parameters`): those of `full` are in `bare`, not in
+    # `full_modules`.
+    bare_names: tuple[str, ...] = ()
 
     @property
     def use_dora(self) -> bool:
         return any(m.magnitude is not None for m in self.lora.values())
 
     @property
+    def bare(self) -> dict[str, TensorRecord]:
+        """Replaced bare parameters (LLaVA-NeXT's `model.image_newline`): no module of their own that PEFT's
+        `modules_to_save` could wrap (their parent is the whole model), so they never reach PEFT's config;
+        plain PEFT loads them from the file into the base parameter, un-merged inference keeps them as
+        per-adapter overrides, and the merge writes them like any other full tensor."""
+        return {name: t for name, t in self.full.items() if name in self.bare_names}
+
+    @property
     def full_modules(self) -> list[str]:
         """The modules whose tensors the adapter replaces (PEFT `modules_to_save`): a module that holds a
-        parameter of its own (Gemma 3's projector weight) stands for its sub-modules too, as PEFT wrapped it."""
-        names = sorted({name.rsplit(".", 1)[0] for name in self.full})
+        parameter of its own (Gemma 3's projector weight) stands for its sub-modules too, as PEFT wrapped it.
+        Bare parameters (`bare`) are not among them."""
+        names = sorted({name.rsplit(".", 1)[0] for name in self.full if name not in self.bare_names})
         return [n for n in names if not any(n.startswith(m + ".") for m in names)]
 
 
@@ -182,7 +194,15 @@ def read_adapter(
     rules.enforce(findings, use)
     placements = place(tensors, family, base_params, source=str(folder))
     adapter = Adapter(
-        folder, found.format, config, {}, {}, {p.layout for p in placements}, manifest, found.files
+        folder,
+        found.format,
+        config,
+        {},
+        {},
+        {p.layout for p in placements},
+        manifest,
+        found.files,
+        bare_names=family.bare_parameters,
     )
     build_modules(adapter, placements, tensors, base_params)
     ctx.adapter = adapter

@@ -34,6 +34,11 @@ def mixability(adapter: Adapter, family: families.Family) -> tuple[bool, str | N
     """(whether the adapter's rows may share a forward with other adapters' rows, why not)."""
     if adapter.use_dora:
         return False, "it uses DoRA, which PEFT cannot mix with other adapters in one forward"
+    if adapter.bare:
+        return False, (
+            f"it replaces {', '.join(sorted(adapter.bare))}, one value shared by every row of a forward "
+            "(swapped in per forward, so its rows run apart)"
+        )
     outside = sorted(
         {
             family.role_of(m) or "unknown part"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class LoadedAdapter:
     adapter: Adapter
     modules: set[str]  # runtime module paths the adapter changes (LoRA and full)
     processor: str  # key of the processor its rows are rendered with
+    # Its bare parameters (`Adapter.bare`): runtime name -> its value, on the base's device and dtype.
+    bare: dict[str, Any] = field(default_factory=dict)
 
 
 class AdapterRegistry:
@@ -80,6 +82,11 @@ class AdapterRegistry:
         self.base_params = base_params_from_model(base_model)
         self.peft: Any = None
         self._loaded: dict[str, LoadedAdapter] = {}
+        # Bare parameters (no module PEFT could wrap: LLaVA-NeXT's `model.image_newline`) are one tensor of
+        # the shared base, so PEFT never loads them (it would overwrite the base for every adapter): each
+        # adapter keeps its values, swapped in before its forwards (`use_bare`), the base's kept here.
+        self._bare_base: dict[str, Any] = {}
+        self._bare_owner = BASE  # whose bare values the model holds now
 
     @property
     def model(self) -> Any:
@@ -188,15 +195,49 @@ class AdapterRegistry:
         for message in messages:
             warnings.warn(message, stacklevel=3)
         self._loaded[name] = LoadedAdapter(
-            info, adapter, set(adapter.lora) | set(adapter.full_modules), processor_key
+            info,
+            adapter,
+            set(adapter.lora) | set(adapter.full_modules),
+            processor_key,
+            self._bare_values(adapter),
         )
         return info
+
+    def _bare_values(self, adapter: Adapter) -> dict[str, Any]:
+        out = {}
+        for name, record in adapter.bare.items():
+            param = self.base_model.get_parameter(name)
+            self._bare_base.setdefault(name, param.detach().clone())  # no adapter's value is in yet
+            out[name] = record.torch().to(param.device, param.dtype)
+        return out
+
+    def use_bare(self, name: str) -> None:
+        """Put the bare parameter values of `name` (a loaded adapter, or BASE) into the model: the adapter's
+        own where it has them, the base's everywhere else. Called by `routing.route` before forwards."""
+        owner = name if name != BASE and self._loaded[name].bare else BASE
+        if owner == self._bare_owner:
+            return
+        import torch
+
+        values = self._loaded[owner].bare if owner != BASE else {}
+        with torch.no_grad():
+            for param, base_value in self._bare_base.items():
+                self.base_model.get_parameter(param).copy_(values.get(param, base_value))
+        self._bare_owner = owner
+
+    def bare_of(self, name: str) -> dict[str, Any]:
+        """The bare parameter values an adapter swaps in (empty for BASE and most adapters)."""
+        return {} if name == BASE else self._loaded[name].bare
 
     def remove(self, name: str) -> None:
         """Detach an adapter from PEFT (its weights are freed); the base and the other adapters stay."""
         if name not in self._loaded:
             loaded = ", ".join(self._loaded) or "none"
             raise InferenceError(f"no adapter called {name!r} is loaded (loaded: {loaded}).")
+        if self._bare_owner == name:
+            self.use_bare(BASE)
+        kept = {p for n, loaded in self._loaded.items() if n != name for p in loaded.bare}
+        self._bare_base = {p: v for p, v in self._bare_base.items() if p in kept}
         if len(self._loaded) == 1:
             self._unwrap()  # PEFT cannot run (even disabled) with no adapter left
         else:

@@ -37,9 +37,20 @@ class RowMismatch(Exception):
 def route(registry: AdapterRegistry, adapters: Sequence[str]) -> Iterator[None]:
     """Route each row of every forward inside the block through its adapter (loaded names or BASE, one per
     row of the batch). A `RowMismatch` leaving the block has already marked the adapters concerned as not
-    mixable, so replanning the rows (`Engine.plan`) groups them apart."""
+    mixable, so replanning the rows (`Engine.plan`) groups them apart. Bare parameters hold one value per
+    forward: a lone adapter's own inside the block, the base's otherwise (and again after it)."""
     distinct = list(dict.fromkeys(adapters))
     registry.require(distinct)
+    registry.use_bare(distinct[0] if len(distinct) == 1 else BASE)
+    try:
+        with _route_rows(registry, distinct, adapters):
+            yield
+    finally:
+        registry.use_bare(BASE)
+
+
+@contextlib.contextmanager
+def _route_rows(registry: AdapterRegistry, distinct: list[str], adapters: Sequence[str]) -> Iterator[None]:
     if distinct == [BASE]:
         with registry.peft.disable_adapter() if registry.peft is not None else contextlib.nullcontext():
             yield
@@ -73,7 +84,7 @@ def row_hooks(registry: AdapterRegistry, row_adapters: Sequence[str]) -> list[An
     adapters = [peft_name(a) for a in row_adapters]
     named = [a for a in dict.fromkeys(adapters) if a != BASE]
     base_only = [BASE] * rows
-    handles: list[Any] = []
+    handles: list[Any] = bare_guard(registry, row_adapters)
     for name, module in registry.peft.base_model.model.named_modules():
         stack = None
         if isinstance(module, LoraLayer):
@@ -107,6 +118,28 @@ def row_hooks(registry: AdapterRegistry, row_adapters: Sequence[str]) -> list[An
 
             handles.append(module.register_forward_hook(add_delta, with_kwargs=True))
     return handles
+
+
+def bare_guard(registry: AdapterRegistry, row_adapters: Sequence[str]) -> list[Any]:
+    """A mixed forward runs with the base's bare parameter values (`route`). That is exact for steps
+    that build no image features (decode steps, text rows); a mixed forward that builds them for rows of an
+    adapter with its own values (planned apart, see `adapter_checks.mixability`) would be silently wrong, so
+    it raises instead."""
+    owners = {param.rsplit(".", 1)[0]: name for name in set(row_adapters) for param in registry.bare_of(name)}
+
+    def check(mod: Any, args: tuple, kwargs: dict, owner: str = "") -> None:
+        if any(k.startswith("pixel_values") and v is not None for k, v in kwargs.items()):
+            raise InferenceError(
+                f"adapter {owners[owner]!r} replaces a bare parameter of {owner} that image features use, "
+                "so its rows cannot share a forward with other adapters' rows; plan() the rows."
+            )
+
+    return [
+        registry.base_model.get_submodule(owner).register_forward_pre_hook(
+            lambda m, a, k, owner=owner: check(m, a, k, owner), with_kwargs=True
+        )
+        for owner in owners
+    ]
 
 
 def run_batches(

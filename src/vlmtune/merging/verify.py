@@ -66,11 +66,12 @@ def probes(processor: Any) -> dict[str, dict[str, Any]]:
 
 def attach(model: Any, adapter: Adapter) -> Any:
     """base + adapter as a PEFT model, from vlmtune's placed tensors (so legacy and LLaVA layouts load
-    the same as runtime ones); fails on any tensor PEFT does not take."""
+    the same as runtime ones); fails on any tensor PEFT does not take. Bare parameters go into the base,
+    as PEFT's own loader puts them (this model runs this adapter only)."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config(adapter)[0])
-    load_weights(peft_model, adapter, "default")
+    load_weights(peft_model, adapter, "default", bare=True)
     return peft_model.eval()
 
 

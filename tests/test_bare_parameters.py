@@ -1,0 +1,204 @@
+"""Bare parameters (LLaVA-NeXT / LLaVA-OneVision `model.image_newline`: an `nn.Parameter` of the whole
+`model`, no module PEFT's `modules_to_save` could wrap) through the life cycle: placed without wrapping
+`model`, swapped in per adapter un-merged (the shared base value intact), trained with `projector: full`,
+stored under PEFT's own key, merged.
+
+References: PEFT's own loader (`PeftModel.from_pretrained` puts `base_model.model.model.image_newline` from
+the adapter file into the base parameter), fresh single-adapter loads, the base model alone, and PEFT's
+`merge_and_unload`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_infer_fixtures import (
+    IMAGE_PROMPT,
+    PROJECTOR,
+    TEXT_PROMPT,
+    base_model,
+    image,
+    make_adapter,
+    peft_logits,
+)
+from vlmtune.infer import BASE, Request, load
+
+FAMILIES = ["llava_next", "llava_onevision"]
+KEY = "base_model.model.model.image_newline"  # PEFT's key for the runtime parameter model.image_newline
+ATOL = 1e-4
+
+
+def with_newline(src: Path, out: Path, key: str = KEY, seed: int = 0) -> Path:
+    """A copy of a PEFT adapter folder that also replaces image_newline (base value + noise) under `key`."""
+    shutil.copytree(src, out)
+    tensors = load_file(src / "adapter_model.safetensors")
+    base = base_model(Path(_base_of(src))).model.image_newline.detach()
+    gen = torch.Generator().manual_seed(seed)
+    tensors[key] = base + torch.randn(base.shape, generator=gen)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def _base_of(adapter: Path) -> str:
+    import json
+
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, tmp_path_factory):
+    """Per family: 'plain' (LM LoRA + projector in full, PEFT-made), 'a' (the same plus a trained
+    image_newline), 'old' ('a' with the newline under the pre-4.52 key `base_model.model.image_newline`),
+    'c' (LM LoRA only: mixable)."""
+    made: dict[str, dict[str, Path]] = {}
+
+    def get(family: str) -> dict[str, Path]:
+        if family not in made:
+            base = tiny_model(family)
+            root = tmp_path_factory.mktemp(f"bare-{family}")
+            plain = make_adapter(base, root / "plain", seed=1, modules_to_save=[PROJECTOR[family]])
+            made[family] = {
+                "base": base,
+                "plain": plain,
+                "a": with_newline(plain, root / "a"),
+                "old": with_newline(plain, root / "old", key="base_model.model.image_newline"),
+                "c": make_adapter(base, root / "c", seed=5),
+            }
+        return made[family]
+
+    return get
+
+
+def req(messages, adapter, with_image=True):
+    return Request(messages, [image(0)] if with_image else [], adapter)
+
+
+def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.shape == y.shape and torch.allclose(x, y, atol=ATOL, rtol=1e-4)
+
+
+def newline(engine) -> torch.Tensor:
+    return engine.base_model.model.image_newline.detach().clone()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["a", "old"])
+def test_bare_parameter_is_placed_apart_and_equals_peft(adapters, family, which):
+    """The newline (runtime or pre-4.52 key) is an override of its own: PEFT is never asked to wrap
+    `model`, the rows run apart, and the logits equal plain PEFT's load of the runtime-key folder."""
+    ad = adapters(family)
+    engine = load(ad["base"], {"a": ad[which]}, device="cpu")
+    info = engine.adapters["a"]
+    wrapped = engine.peft.peft_config["ad_a"].modules_to_save
+    assert info.full_modules == wrapped and len(wrapped) == 2
+    assert all(m.startswith(PROJECTOR[family] + ".") for m in wrapped)  # never `model` itself
+    assert not info.mixable and "model.image_newline" in info.not_mixable_because
+    got = engine.logits(req(IMAGE_PROMPT, "a"))[0]
+    want = peft_logits(ad["base"], ad["a"], IMAGE_PROMPT, [image(0)])
+    assert close(got, want), (got - want).abs().max()
+    # The newline matters: without it the answer differs (so the comparison above tests it).
+    without = peft_logits(ad["base"], ad["plain"], IMAGE_PROMPT, [image(0)])
+    assert (want - without).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_call_equals_single_runs_and_base_stays(adapters, family):
+    ad = adapters(family)
+    base_value = base_model(ad["base"]).model.image_newline.detach()
+    prompts = [(IMAGE_PROMPT, True), (TEXT_PROMPT, False)]
+    want = {
+        "a": [peft_logits(ad["base"], ad["a"], m, [image(0)] if i else []) for m, i in prompts],
+        BASE: [peft_logits(ad["base"], None, m, [image(0)] if i else []) for m, i in prompts],
+    }
+    single = load(ad["base"], {"c": ad["c"]}, device="cpu")
+    want["c"] = [single.logits(req(m, "c", i))[0] for m, i in prompts]
+
+    engine = load(ad["base"], {"c": ad["c"], "a": ad["a"]}, device="cpu")
+    assert torch.equal(newline(engine), base_value)  # loading did not write the shared base
+    rows = [("a", 0), ("c", 0), (BASE, 0), ("a", 1), ("c", 1), (BASE, 1), ("a", 0), (BASE, 0)]
+    got = engine.logits([req(prompts[p][0], n, prompts[p][1]) for n, p in rows], batch_size=8)
+    for (name, p), logits in zip(rows, got, strict=True):
+        assert close(logits, want[name][p]), (name, p, (logits - want[name][p]).abs().max())
+    assert torch.equal(newline(engine), base_value)  # nor did running
+    # Generation takes the same path; then removing the adapter leaves the base as it was.
+    engine.generate([req(IMAGE_PROMPT, n) for n in ("a", "c", BASE)])
+    engine.remove_adapter("a")
+    assert torch.equal(newline(engine), base_value)
+    assert close(engine.logits(req(IMAGE_PROMPT, BASE))[0], want[BASE][0])
+
+
+@pytest.mark.parametrize("which", ["a", "old"])
+def test_inspect_names_the_parameter_not_the_model(adapters, which):
+    from vlmtune.adapters.inspect import inspect_adapter
+
+    ad = adapters("llava_next")
+    for base in (None, ad["base"]):
+        report = inspect_adapter(ad[which], base)
+        assert "model.image_newline" in report["full_modules"]["modules"]
+        assert "model" not in report["full_modules"]["modules"]
+        assert report["full_modules"]["roles"] == ["projector"]
+
+
+def test_mixed_route_refuses_image_features_with_an_override(adapters):
+    """A caller driving the seam by hand cannot mix an override adapter's image rows with others."""
+    from vlmtune.infer import InferenceError
+
+    ad = adapters("llava_next")
+    engine = load(ad["base"], {"c": ad["c"], "a": ad["a"]}, device="cpu")
+    rows = engine.prepare([req(IMAGE_PROMPT, "a"), req(IMAGE_PROMPT, "c")])
+    inputs = engine.encode(rows)
+    refused = pytest.raises(InferenceError, match=r"adapter 'a' replaces a bare parameter of model")
+    with refused, torch.inference_mode(), engine.route(["a", "c"]):
+        engine.model(**inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serve_rows_get_their_own_newline(adapters, family):
+    """Through the continuous-batching scheduler (prefill per request, decode steps shared with other
+    adapters' rows), each row's first-token log-probability is that of its own adapter's prompt logits (for
+    'a', PEFT's: see above), and greedy answers equal single-request generate."""
+    import queue
+
+    from test_serve_scheduler import reference
+    from vlmtune.serve.sampling import Sampling
+    from vlmtune.serve.scheduler import Scheduler, job_for
+
+    ad = adapters(family)
+    engine = load(ad["base"], {"a": ad["a"], "c": ad["c"], "plain": ad["plain"]}, device="cpu")
+    names = ["a", "c", BASE, "plain", "a", "c", "a"]
+    reqs = [Request(IMAGE_PROMPT, [image(k % 3)], name) for k, name in enumerate(names)]
+    lengths = [8, 5, 7, 8, 6, 4, 3]
+    want = reference(engine, reqs, lengths)
+    first = [torch.log_softmax(engine.logits(r)[0][-1], dim=-1) for r in reqs]
+
+    scheduler = Scheduler(engine, 16, 64)
+    scheduler.start()
+    events: queue.Queue = queue.Queue()
+    try:
+        for i, r in enumerate(reqs):
+            sink = lambda e, i=i: events.put((i, e))  # noqa: E731
+            scheduler.submit(
+                job_for(engine, r, max_tokens=lengths[i], sampling=Sampling(logprobs=True), sink=sink)
+            )
+        logprobs: dict[int, list] = {i: [] for i in range(len(reqs))}
+        text: dict[int, str] = {}
+        while len(text) < len(reqs):
+            i, event = events.get(timeout=120)
+            assert event["type"] != "error", event
+            logprobs[i] += event.get("logprobs") or []
+            if event["type"] == "done":
+                text[i] = event["text"]
+    finally:
+        scheduler.stop()
+    assert [text[i] for i in range(len(reqs))] == [w.text for w in want]
+    for i in range(len(reqs)):
+        token = int(torch.argmax(first[i]))
+        assert abs(logprobs[i][0]["logprob"] - float(first[i][token])) < 1e-4, (i, names[i])
+    assert scheduler.peak_adapters >= 2  # rows of several adapters did share decode steps
+    # Same image with and without the trained newline: the prompts' distributions differ.
+    assert (first[0] - first[3]).abs().max() > 1e-3
