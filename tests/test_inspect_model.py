@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
-from vlmtune import families
+from vlmtune import checkpoint, families
 from vlmtune.cli import app
 from vlmtune.inspection import inspect_model
 
@@ -139,3 +139,22 @@ def test_model_folder_vllm_cannot_serve_says_why(servable, tmp_path, what, probl
     assert report["servable"] is False
     assert len(report["problems"]) == 1 and problem in report["problems"][0], report["problems"]
     assert "\n" not in report["problems"][0]
+
+
+def test_hub_id_is_judged_without_its_weights(servable, tmp_path, monkeypatch):
+    """A hub id is inspected from its *.json / *.jinja files alone: missing weights are not a vLLM problem."""
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for f in servable.iterdir():
+        if f.suffix in (".json", ".jinja"):
+            shutil.copy(f, snapshot / f.name)
+    monkeypatch.setattr(checkpoint, "resolve", lambda path, allow_patterns=None: snapshot)
+    report = inspect_model("someone/tiny-qwen2-vl")
+    assert "error" in report["weights"]
+    assert report["vllm"] == {
+        "servable": True,
+        "problems": [],
+        "note": "weights not checked (not downloaded)",
+    }
+    (snapshot / "chat_template.jinja").unlink()
+    assert "no chat template" in inspect_model("someone/tiny-qwen2-vl")["vllm"]["problems"][0]

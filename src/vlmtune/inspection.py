@@ -58,9 +58,11 @@ def inspect_model(path: str | Path) -> dict[str, Any]:
         }
     except checkpoint.CheckpointError as exc:
         report["weights"] = {"error": str(exc)}
-    report["vllm"] = vllm_model_report(
-        family, Folder(folder, config, list(weights), report["weights"].get("error"))
-    )
+    local = Path(path).expanduser().is_dir()
+    error = report["weights"].get("error") if local else None
+    report["vllm"] = vllm_model_report(family, Folder(folder, config, list(weights), error))
+    if not local:  # a hub id: only its *.json / *.jinja files were fetched
+        report["vllm"]["note"] = "weights not checked (not downloaded)"
     return report
 
 
