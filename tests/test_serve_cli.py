@@ -56,3 +56,27 @@ def test_print_vllm(folders):
     assert "proj=" not in command
     assert command.endswith("--max-lora-rank 32 --max-loras 2")
     assert len(notes) == 1 and notes[0].startswith("# proj") and "modules_to_save" in notes[0]
+
+
+def test_start_up_adapter_with_pickled_weights_is_refused_before_loading(folders, tmp_path):
+    """Servers never unpickle, not even start-up adapters with `weights_only`: one line, exit 2."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    base, adapters = folders
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapters["lm"], pickled)
+    weights = pickled / "adapter_model.safetensors"
+    torch.save(load_file(weights), pickled / "adapter_model.bin")
+    weights.unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "vlmtune", "serve", "--model", str(base), "--adapter", f"p={pickled}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: --adapter p={pickled} holds pickled weights (adapter_model.bin)")
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -186,3 +186,16 @@ def test_command_line(runs_root, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_start_up_adapter_with_pickled_weights_refused(tmp_path):
+    """The dashboard is a server too: a start-up adapter read from a pickle is refused before loading."""
+    from vlmtune.adapters import AdapterError
+    from vlmtune.ui import UiSettings
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "adapter_model.bin").write_bytes(b"not read")
+    settings = UiSettings(model=str(tmp_path), adapters={"old": folder})
+    with pytest.raises(AdapterError, match=r"--adapter old=.* holds pickled weights \(adapter_model.bin\)"):
+        settings.check()

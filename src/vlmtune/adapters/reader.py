@@ -138,21 +138,14 @@ def read_files(path: str | Path) -> AdapterFiles:
     config = read_config(folder)
     # its processor/tokenizer configs are loaded later by predict and copied by merge: parse them now
     check_loader_files(folder)
-    weights = find_weights(folder)
-    files = [weights]
-    tensors = dict(read_tensors(weights))
-    foreign_path = folder / "config.json"
-    foreign_config = read_json(foreign_path) if foreign_path.is_file() else {}
-    found = families.foreign_format(folder, foreign_config)
+    foreign_config, found = _foreign(folder)
     owner, fmt = found if found else (None, None)
-    for name in fmt.extra_files if fmt else ():
-        extra = folder / name
-        if not extra.is_file():
-            continue
-        files.append(extra)
+    weights, *extras = files = tensor_files(folder)
+    tensors = dict(read_tensors(weights))
+    for extra in extras:
         for key, t in read_tensors(extra).items():
             if key in tensors:
-                raise AdapterError(f"{folder}: {key} is in both {weights.name} and {name}.")
+                raise AdapterError(f"{folder}: {key} is in both {weights.name} and {extra.name}.")
             tensors[key] = t
     return AdapterFiles(
         folder,
@@ -165,6 +158,30 @@ def read_files(path: str | Path) -> AdapterFiles:
         fmt,
         owner,
     )
+
+
+def _foreign(folder: Path) -> tuple[dict[str, Any], tuple[Family, ForeignFormat] | None]:
+    foreign_path = folder / "config.json"
+    foreign_config = read_json(foreign_path) if foreign_path.is_file() else {}
+    return foreign_config, families.foreign_format(folder, foreign_config)
+
+
+def tensor_files(folder: Path) -> list[Path]:
+    """The tensor files an adapter folder is read from: its weights, then a foreign format's extra files."""
+    _, found = _foreign(folder)
+    extras = [folder / name for name in (found[1].extra_files if found else ())]
+    return [find_weights(folder), *(f for f in extras if f.is_file())]
+
+
+def refuse_pickled(folder: str | Path, what: str) -> None:
+    """The servers' rule: never unpickle, not even with `weights_only`. `what` names the folder for the
+    message (the flag that gave it, or the path relative to --adapter-dir)."""
+    pickled = [f.name for f in tensor_files(Path(folder)) if f.suffix == ".bin"]
+    if pickled:
+        raise AdapterError(
+            f"{what} holds pickled weights ({', '.join(pickled)}), which a server never loads; re-save "
+            "them as safetensors (PEFT's save_pretrained writes adapter_model.safetensors) and pass that folder."
+        )
 
 
 def read_adapter(

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.inspect import inspect_adapter
+from ..adapters.layout import AdapterError
+from ..adapters.reader import refuse_pickled
 from ..infer.types import BASE, BASE_ALIASES
 from .errors import ApiError
 from .settings import ServeSettings
 
 NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-PICKLES = ("adapter_model.bin", "non_lora_trainables.bin")
 
 
 def adapter_hash(info: Any) -> str:
@@ -125,16 +126,10 @@ def resolve_adapter_path(path: str, settings: ServeSettings) -> Path:
             f"no adapter folder {folder.relative_to(settings.adapter_dir)} in --adapter-dir.",
             param="path",
         )
-    pickled = [name for name in PICKLES if (folder / name).exists()]
-    if (
-        pickled and not (folder / "adapter_model.safetensors").is_file()
-    ) or "non_lora_trainables.bin" in pickled:
-        raise ApiError(
-            400,
-            f"the adapter folder holds pickled weights ({', '.join(pickled)}), which the server never loads; "
-            "convert them to safetensors (or load the adapter with --adapter at start-up).",
-            param="path",
-        )
+    try:
+        refuse_pickled(folder, f"the adapter folder {folder.relative_to(settings.adapter_dir)}")
+    except AdapterError as exc:
+        raise ApiError(400, str(exc), param="path") from None
     return folder
 
 

@@ -25,10 +25,13 @@ def serve(
     """Check the bind rule first (before loading anything), then load and serve until interrupted."""
     import uvicorn
 
+    from ..adapters.reader import refuse_pickled
     from ..infer import load
     from .app import create_app
 
     settings.check_bind()
+    for name, path in adapters.items():
+        refuse_pickled(path, f"--adapter {name}={path}")
     engine = load(model, dict(adapters), dtype=dtype, device=device, quantization=quantization)
     app = create_app(engine, settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, access_log=False)

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from ..adapters.reader import refuse_pickled
 from ..errors import VlmtuneError
 from ..infer.types import BASE
 from ..serve.errors import BodyLimit
@@ -52,6 +53,8 @@ class UiSettings:
                 raise VlmtuneError(f"--runs {root} is not a folder.")
         if self.adapters and not self.model:
             raise VlmtuneError("--adapter needs --model BASE (the base the adapters run on).")
+        for name, path in self.adapters.items():
+            refuse_pickled(path, f"--adapter {name}={path}")
         if self.merge_dir is not None and self.merge_dir.exists() and not self.merge_dir.is_dir():
             raise VlmtuneError(f"--merge-dir {self.merge_dir} is not a folder.")
         return self
