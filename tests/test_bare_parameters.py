@@ -202,3 +202,101 @@ def test_serve_rows_get_their_own_newline(adapters, family):
     assert scheduler.peak_adapters >= 2  # rows of several adapters did share decode steps
     # Same image with and without the trained newline: the prompts' distributions differ.
     assert (first[0] - first[3]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """Two steps of `projector: full` (+ language LoRA) per family; the run dir."""
+    from vlmtune.demo import write_split
+    from vlmtune.training import run
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"train-bare-{family}")
+            data = write_split(root / "data", "train", 8, seed=0)
+            made[family] = run(
+                {
+                    "model": str(tiny_model(family)),
+                    "output_dir": str(root / "run"),
+                    "data": {"train": str(data)},
+                    "projector": "full",
+                    "lr": 1e-2,
+                    "max_steps": 2,
+                    "batch_size": 4,
+                    "save_steps": 1,
+                    "precision": "fp32",
+                }
+            )
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_projector_full_trains_and_stores_the_newline(tiny_model, trained, family):
+    from vlmtune.adapters.manifest import read_manifest
+
+    base = tiny_model(family)
+    run_dir = trained(family)
+    before = base_model(base).model.image_newline.detach()
+    for folder in (run_dir / "adapter", run_dir / "checkpoints" / "step-1"):
+        stored = load_file(folder / "adapter_model.safetensors")
+        assert KEY in stored and stored[KEY].dtype == torch.float32
+        assert read_manifest(folder).full_parameters == ["model.image_newline"]
+    trained_value = load_file(run_dir / "adapter" / "adapter_model.safetensors")[KEY]
+    assert (trained_value - before).abs().max() > 1e-4  # it was trainable and got a gradient
+    step1 = load_file(run_dir / "checkpoints" / "step-1" / "adapter_model.safetensors")[KEY]
+    assert not torch.equal(step1, trained_value)  # each save holds its own step's value
+
+    # vlmtune's un-merged engine equals plain PEFT (which loads the newline into the base parameter).
+    engine = load(base, {"t": run_dir / "adapter"}, device="cpu")
+    assert not engine.adapters["t"].mixable
+    for messages, images in ((IMAGE_PROMPT, [image(0)]), (TEXT_PROMPT, [])):
+        got = engine.logits(Request(messages, images, "t"))[0]
+        want = peft_logits(base, run_dir / "adapter", messages, images)
+        assert close(got, want), (got - want).abs().max()
+
+
+def test_a_tampered_newline_fails_the_integrity_check(tiny_model, trained):
+    """The post-save check compares the stored newline with the live one like every other tensor."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.training import integrity
+
+    run_dir = trained("llava_next")
+    folder = run_dir / "adapter"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model("llava_next"), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    peft.get_base_model().model.image_newline.requires_grad_(True)
+    assert integrity.mismatches(peft, folder) == []
+    with torch.no_grad():
+        peft.get_base_model().model.image_newline.add_(1.0)
+    assert any(KEY in p and "differs" in p for p in integrity.mismatches(peft, folder))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["a", "old", "trained"])
+def test_merge_writes_the_newline(adapters, trained, family, which, tmp_path):
+    """`merge --verify` passes; the merged folder keeps the base's on-disk names and holds the adapter's
+    newline; where PEFT can load the folder itself (runtime keys), the merged tensors equal its
+    `merge_and_unload`."""
+    from test_merge_support import assert_tensors_match, merged_state, peft_merged
+    from vlmtune import checkpoint
+    from vlmtune.merging import merge
+
+    ad = adapters(family)
+    adapter = trained(family) / "adapter" if which == "trained" else ad[which]
+    result = merge(ad["base"], adapter, tmp_path / "out", verify=True)
+    assert result.verification["passed"] and result.verification["discriminating"]
+    assert list(checkpoint.tensor_index(tmp_path / "out")) == list(checkpoint.tensor_index(ad["base"]))
+    stored = load_file(adapter / "adapter_model.safetensors")
+    want = stored[KEY if which != "old" else "base_model.model.image_newline"]
+    ours = merged_state(tmp_path / "out")
+    torch.testing.assert_close(ours["model.image_newline"], want, rtol=0, atol=0)
+    if which != "old":  # PEFT 0.21 does not map the pre-4.52 key: no reference for it
+        ref = peft_merged(ad["base"], [adapter])
+        assert set(ours) == set(ref)
+        assert_tensors_match(ours, ref)

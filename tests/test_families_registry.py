@@ -276,7 +276,8 @@ def test_support_table_marks_what_a_family_cannot_do():
 
     assert support.support(families.get("gemma3"))["projector LoRA"] == "no: use `full`"
     assert support.support(families.get("mllama"))["vLLM after merge"].startswith("no: vLLM no longer serves")
-    assert "image_newline stays frozen" in support.support(families.get("llava_next"))["projector full"]
+    # a bare parameter trains with the projector (tests/test_bare_parameters.py), and the table says so
+    assert support.support(families.get("llava_next"))["projector full"] == "yes (incl. model.image_newline)"
 
 
 def test_gemma3_projector_lora_says_use_full_and_full_trains_the_bare_weight(tiny_model):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from vlmtune import families
 from vlmtune.config import ConfigError
 from vlmtune.demo import write_split
 from vlmtune.training import run
@@ -154,7 +155,7 @@ class CrashAfterCheckpoint(TrainerCallback):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "mllama"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava", "mllama", "llava_next"])
 def test_crash_after_checkpoint_then_resume_equals_uninterrupted(tiny_model, tmp_path, family):
     base = tiny_model(family)
     data = write_split(tmp_path / "data", "train", 20, seed=3)
@@ -165,5 +166,7 @@ def test_crash_after_checkpoint_then_resume_equals_uninterrupted(tiny_model, tmp
     resumed = run(config(base, data, tmp_path / "cut"))
     expected, got = tensors(straight / "adapter"), tensors(resumed / "adapter")
     assert expected.keys() == got.keys()
+    # A bare parameter trained in full (llava_next's image_newline) resumes from its checkpoint value too.
+    assert all(f"base_model.model.{n}" in got for n in families.get(family).bare_parameters)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)

@@ -1,6 +1,7 @@
 """`vlmtune.train.run` on tiny folders of every family: the loss drops, the adapter dir is complete and loads
 with plain `PeftModel.from_pretrained` (no missing / unexpected keys) to the trained model's logits, and a
-fully trained projector is stored, differs from the base, and reloads."""
+fully trained projector (bare parameters such as LLaVA-NeXT's image_newline included) is stored, differs
+from the base, and reloads."""
 
 from __future__ import annotations
 
@@ -118,7 +119,10 @@ def test_adapter_loads_plainly_and_reproduces_logits(trained, family_name):
     assert not [w for w in caught if "missing adapter keys" in str(w.message)]
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         stored = set(f.keys())
-    assert stored == set(get_peft_model_state_dict(loaded))  # nothing missing, nothing unexpected
+    # nothing missing, nothing unexpected: PEFT's own state dict, plus the bare parameters trained in full
+    # under their PEFT parameter name (PEFT's loader put them into the base parameter)
+    bare = {f"base_model.model.{name}" for name in families.get(family_name).bare_parameters}
+    assert stored == set(get_peft_model_state_dict(loaded)) | bare
     with torch.no_grad():
         got = loaded(**batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
@@ -148,6 +152,10 @@ def test_full_projector_is_stored_trained_and_reloads(trained, family_name):
             leaf = name.removeprefix(projector + ".") if name != projector + ".weight" else "weight"
             reloaded = loaded_state[f"{prefix}{projector}.modules_to_save.default.{leaf}"]
             torch.testing.assert_close(reloaded.detach(), tensor, rtol=0, atol=0)
+        for name in family.bare_parameters:  # no module of their own: stored and reloaded as themselves
+            tensor = f.get_tensor(prefix + name)
+            assert not torch.equal(tensor, base_state[name]), f"{name} was not trained"
+            torch.testing.assert_close(loaded_state[prefix + name].detach(), tensor, rtol=0, atol=0)
 
 
 def test_run_dir_and_checkpoints_are_complete(trained, family_name):
@@ -165,6 +173,7 @@ def test_run_dir_and_checkpoints_are_complete(trained, family_name):
         assert manifest.base.model_type == checkpoint.read_config(base)["model_type"]
         projector = [families.get(family_name).prefix_of("projector"), *MORE_PROJECTOR.get(family_name, [])]
         assert sorted(manifest.full_modules) == sorted(projector)
+        assert manifest.full_parameters == list(families.get(family_name).bare_parameters)
         assert manifest.targets_by_role == {"language": len(manifest.target_modules)}
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["target_modules"] == manifest.target_regex

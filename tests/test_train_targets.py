@@ -65,6 +65,8 @@ def test_dry_run_counts_equal_peft(tiny_model, family_name, setting):
             use_dora=lora["dora"],
         ),
     )
+    for name in plan.bare_parameters:  # no module to wrap: trained beside PEFT, as training does
+        peft_model.get_base_model().get_parameter(name).requires_grad_(True)
     trainable, _ = peft_model.get_nb_trainable_parameters()
     assert plan.trainable_params == trainable
 
@@ -97,13 +99,17 @@ def test_dry_run_counts_equal_peft(tiny_model, family_name, setting):
         expected |= projector
     assert wrapped == expected
     if options.get("projector") == "full":
+        params = dict(reference.named_parameters())
+        assert plan.bare_parameters == [n for n in family.bare_parameters if n in params]
         assert plan.full_params == {
             "projector": sum(
                 p.numel()
-                for n, p in reference.named_parameters()
-                if any(n.startswith(f + ".") for f in plan.full_modules)
+                for n, p in params.items()
+                if any(n.startswith(f + ".") for f in plan.full_modules) or n in plan.bare_parameters
             )
         }
+    else:
+        assert plan.bare_parameters == []
     if setting == "stage1-projector-only":
         assert plan.target_regex == NO_LORA_TARGETS and not plan.lora_modules
 

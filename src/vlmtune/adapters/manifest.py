@@ -81,6 +81,9 @@ class Manifest:
     target_modules: list[str] = field(default_factory=list)
     # Modules trained in full and stored as PEFT `modules_to_save` (runtime names).
     full_modules: list[str] = field(default_factory=list)
+    # Bare parameters trained in full (runtime names; no module PEFT could wrap, e.g. LLaVA-NeXT's
+    # `model.image_newline`), stored under PEFT's key `base_model.model.<name>`.
+    full_parameters: list[str] = field(default_factory=list)
     # LoRA module count per role (vision/projector/language/...).
     targets_by_role: dict[str, int] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)

@@ -39,6 +39,7 @@ def build_manifest(base: BaseInfo, plan: TargetPlan, training: dict[str, Any]) -
         target_regex=plan.target_regex,
         target_modules=list(plan.lora_modules),
         full_modules=list(plan.full_modules),
+        full_parameters=list(plan.bare_parameters),
         targets_by_role=plan.targets_by_role,
         training=training,
     )
@@ -60,8 +61,57 @@ def save_adapter(
     """Write a complete adapter dir at `out` atomically (a reader never sees half of it)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
+        add_bare(model, tmp)
         complete(tmp, processor, manifest)
     return Path(out)
+
+
+# -- bare parameters ------------------------------------------------------------------------------------
+# A bare parameter trained in full (LLaVA-NeXT's `model.image_newline`, see `TargetPlan.bare_parameters`)
+# belongs to no module PEFT wraps, so PEFT neither saves it nor lists it in its state dict. It is stored
+# in the same file under its PEFT parameter name, `base_model.model.<runtime name>`: the key PEFT's own
+# `PeftModel.from_pretrained` / `load_adapter` (and so a Trainer resume) load back into the parameter.
+
+
+def bare_trainables(peft_model: Any) -> list[str]:
+    """The trainable parameters of a PEFT model that no adapter owns (no adapter name in their path):
+    the bare parameters vlmtune made trainable beside PEFT's LoRA and modules_to_save."""
+    adapters = set(getattr(peft_model, "peft_config", {}))
+    return [
+        name
+        for name, param in peft_model.named_parameters()
+        if param.requires_grad and not adapters & set(name.split("."))
+    ]
+
+
+def adapter_state(peft_model: Any, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the adapter file holds, by key: PEFT's `get_peft_model_state_dict` plus the bare trainables
+    (`state_dict`: parameter name -> tensor, default the live parameters)."""
+    from peft import get_peft_model_state_dict
+
+    out = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    source = state_dict if state_dict is not None else dict(peft_model.named_parameters())
+    out.update({name: source[name] for name in bare_trainables(peft_model) if name in source})
+    return out
+
+
+def add_bare(peft_model: Any, folder: str | Path, state_dict: dict[str, Any] | None = None) -> None:
+    """After PEFT's `save_pretrained` into `folder`: add the bare trainables to its adapter file (rewritten
+    beside it and renamed over it). Nothing to do for families without bare parameters."""
+    import os
+
+    from safetensors.torch import save_file
+
+    names = bare_trainables(peft_model)
+    if not names:
+        return
+    source = state_dict if state_dict is not None else dict(peft_model.named_parameters())
+    path = Path(folder) / "adapter_model.safetensors"
+    tensors = {name: t.torch() for name, t in read_file(path).items()}
+    tensors.update({name: source[name].detach().to("cpu").contiguous() for name in names})
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
 def missing_files(folder: str | Path) -> list[str]:
@@ -107,13 +157,13 @@ def check_base(adapter_dir: str | Path, base: BaseInfo) -> Manifest:
 def load_into(peft_model: Any, adapter_dir: str | Path) -> int:
     """Copy an earlier adapter's tensors (LoRA and modules_to_save) into `peft_model`'s matching
     parameters; every tensor must find its place. Returns the number of tensors loaded."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     adapter_dir = Path(adapter_dir)
     state = {name: t.torch() for name, t in read_file(adapter_dir / "adapter_model.safetensors").items()}
     # The tensors this run's adapter will save. A stored projector that is frozen here would otherwise
     # load into the *base* weights and be missing from the new adapter, so only these names are accepted.
-    own = get_peft_model_state_dict(peft_model)
+    own = adapter_state(peft_model)
     homeless = sorted(set(state) - set(own))
     if homeless:
         raise AdapterError(

@@ -36,7 +36,10 @@ class TargetPlan:
     family: str
     target_regex: str  # the PEFT `target_modules` string (NO_LORA_TARGETS when there is no LoRA layer)
     lora_modules: list[str] = field(default_factory=list)
-    full_modules: list[str] = field(default_factory=list)
+    full_modules: list[str] = field(default_factory=list)  # PEFT `modules_to_save`
+    # Bare parameters trained in full (`Family.bare_parameters` among the projector's): made trainable
+    # beside PEFT and saved under PEFT's key for them, `base_model.model.<name>` (see adapters.save).
+    bare_parameters: list[str] = field(default_factory=list)
     lora_roles: dict[str, list[str]] = field(default_factory=dict)
     full_roles: dict[str, list[str]] = field(default_factory=dict)
     lora_params: dict[str, int] = field(default_factory=dict)
@@ -118,6 +121,9 @@ def plan_targets(
             )
 
     full_modules = _full_modules(family, modules) if projector == "full" else []
+    params = dict(model.named_parameters())
+    bare = [p for p in family.prefixes_of("projector") if p in family.bare_parameters and p in params]
+    bare = bare if projector == "full" else []
     overlap = [n for n in lora_modules if any(n == f or n.startswith(f + ".") for f in full_modules)]
     if overlap:
         raise TargetError(
@@ -146,6 +152,11 @@ def plan_targets(
         plan.full_roles.setdefault(role, []).append(name)
         count = sum(p.numel() for p in modules[name].parameters())
         plan.full_params[role] = plan.full_params.get(role, 0) + count
+    for name in bare:
+        role = family.role_of(name) or "other"
+        plan.bare_parameters.append(name)
+        plan.full_roles.setdefault(role, []).append(name)
+        plan.full_params[role] = plan.full_params.get(role, 0) + params[name].numel()
     return plan
 
 

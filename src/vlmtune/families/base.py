@@ -179,7 +179,9 @@ class Family:
     # Processor attributes that carry training-time image limits, if the family has them.
     image_limit_keys: tuple[str, ...] = ()
     # Bare `nn.Parameter`s (not inside a module PEFT could wrap) among the role prefixes, e.g. LLaVA-NeXT's
-    # `model.image_newline`: PEFT `modules_to_save` takes modules only, so `projector: full` leaves them frozen.
+    # `model.image_newline`: PEFT `modules_to_save` takes modules only, so `projector: full` trains them beside
+    # PEFT and stores them under PEFT's key `base_model.model.<name>` (adapters.save); adapters read them
+    # apart (`Adapter.bare`): per-adapter overrides un-merged, full tensors for the merge.
     bare_parameters: tuple[str, ...] = ()
     # Processor outputs beyond TOKEN_ALIGNED_KEYS with one entry per token position (what truncation cuts).
     token_aligned_keys: tuple[str, ...] = ()

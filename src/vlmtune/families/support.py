@@ -29,7 +29,7 @@ def support(family: Family) -> dict[str, str]:
     bare = [p for role, p in family.role_prefixes if role == "projector" and p in family.bare_parameters]
     return {
         "train": "yes",
-        "projector full": "yes" + (f" ({', '.join(bare)} stays frozen)" if bare else ""),
+        "projector full": "yes" + (f" (incl. {', '.join(bare)})" if bare else ""),
         "projector LoRA": "yes" if "projector" in family.lora_target_patterns else "no: use `full`",
         "vision LoRA": "yes" if "vision" in family.lora_target_patterns else "no",
         "un-merged": "yes",

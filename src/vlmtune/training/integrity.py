@@ -4,7 +4,8 @@ The written adapter file is read back on every process and each trainable parame
 under FSDP2 each rank checks its own shard (the slice of the written tensor that `torch.chunk` gives its
 mesh position, as FSDP2 shards dim 0), so a gather that kept only rank 0's slice, wrote zeros for the rest
 (ZeRO-3's empty adapters, accelerate PR #4206) or mixed ranks up fails here, on every rank at once. Names go
-through PEFT's own `get_peft_model_state_dict`, the mapping the save used.
+through PEFT's own `get_peft_model_state_dict` (plus the bare parameters, `adapters.save.adapter_state`), the
+mapping the save used.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 def local_trainable(peft_model: Any) -> dict[str, Any]:
-    """Saved key -> this process's part of the live tensor (a DTensor stays a DTensor: `compare` slices)."""
-    from peft import get_peft_model_state_dict
+    """Saved key -> this process's part of the live tensor (a DTensor stays a DTensor: `compare` slices),
+    bare parameters trained in full included (`adapters.save.adapter_state`)."""
+    from ..adapters.save import adapter_state
 
     live = {name: p.detach() for name, p in peft_model.named_parameters() if p.requires_grad}
-    return get_peft_model_state_dict(peft_model, state_dict=live)
+    return adapter_state(peft_model, state_dict=live)
 
 
 def mismatches(peft_model: Any, folder: Path) -> list[str]:
@@ -135,7 +137,7 @@ def save_checked(trainer: Any, processor: Any, manifest: Any, out: Path, main: b
     import os
     import shutil
 
-    from ..adapters.save import complete
+    from ..adapters.save import add_bare, complete
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     state = gather_adapter(model)
@@ -144,6 +146,7 @@ def save_checked(trainer: Any, processor: Any, manifest: Any, out: Path, main: b
         if staging.exists():
             shutil.rmtree(staging)
         model.save_pretrained(staging, state_dict=state)
+        add_bare(model, staging, state)
     barrier()
     check_saved(model, staging)
     if main:

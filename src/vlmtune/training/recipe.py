@@ -275,7 +275,8 @@ def checkpoint_part(model: Any, family: families.Family, role: str) -> None:
 
 
 def wrap_peft(model: Any, plan: TargetPlan, cfg: TrainConfig) -> Any:
-    """PEFT LoRA with the resolved regex and modules_to_save; trainable weights kept in fp32."""
+    """PEFT LoRA with the resolved regex and modules_to_save, and the plan's bare parameters trainable;
+    trainable weights kept in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -290,6 +291,8 @@ def wrap_peft(model: Any, plan: TargetPlan, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    for name in plan.bare_parameters:  # trained beside PEFT, saved by adapters.save.add_bare
+        peft_model.get_base_model().get_parameter(name).requires_grad_(True)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -69,6 +69,17 @@ class VlmTrainer(Trainer):
             self._save(output_dir or self.args.output_dir, state_dict=state)
         return None
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """PEFT's save, plus the bare parameters trained in full that PEFT does not save (see
+        `adapters.save.add_bare`), so a checkpoint (and a resume from it) holds them."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            from ..adapters.save import add_bare
+
+            add_bare(
+                self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir, state_dict
+            )
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         from .batches import REAL_IMAGES
 

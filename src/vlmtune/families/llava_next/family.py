@@ -2,9 +2,11 @@
 bare `nn.Parameter` appended after each row of an anyres image grid, counted as projector.
 
 PEFT's `modules_to_save` wraps modules only, and the one module holding `image_newline` is the whole
-`model`; so `projector: full` trains `model.multi_modal_projector` and leaves `image_newline` frozen at its
-base value (the support table says so). Adapters from other tools that carry a trained `image_newline`
-are not tested yet (its parent module for PEFT would be the whole `model`).
+`model`; so it is declared in `bare_parameters`: `projector: full` trains `model.multi_modal_projector` as
+`modules_to_save` and `image_newline` beside it, stored under PEFT's key `base_model.model.model.image_newline`
+(plain `PeftModel.from_pretrained` loads it into the parameter). Adapters carrying it (under that key or the
+hub layout's `image_newline`) never wrap `model`: un-merged inference swaps each adapter's value in for its own
+forwards (its rows run apart from other adapters'), and the merge writes it to `image_newline`.
 
 On disk: the LLaVA hub layout, `image_newline` at the top level.
 """

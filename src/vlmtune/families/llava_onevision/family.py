@@ -1,6 +1,7 @@
 """LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`): SigLIP `model.vision_tower`, LLaVA's
-two-Linear projector plus the bare `model.image_newline` parameter (frozen under `projector: full`, as in
-LLaVA-NeXT), and a Qwen2 `model.language_model`. Anyres image grids and video.
+two-Linear projector plus the bare `model.image_newline` parameter (trained with `projector: full` and read
+apart from `modules_to_save`, as in LLaVA-NeXT; it also ends each video's features), and a Qwen2
+`model.language_model`. Anyres image grids and video.
 
 On disk: the LLaVA hub layout.
 """
