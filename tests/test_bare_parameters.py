@@ -300,3 +300,53 @@ def test_merge_writes_the_newline(adapters, trained, family, which, tmp_path):
         ref = peft_merged(ad["base"], [adapter])
         assert set(ours) == set(ref)
         assert_tensors_match(ours, ref)
+
+
+def test_init_from_starts_from_the_stored_newline(tiny_model, trained, tmp_path):
+    """A later stage (`init_from`) starts from the earlier adapter's newline, and `projector_lr` puts the
+    newline in the projector's optimizer group."""
+    from test_train_stages import AtStart
+    from vlmtune.demo import write_split
+    from vlmtune.training import run
+
+    earlier = trained("llava_next") / "adapter"
+    start = AtStart()
+    run(
+        {
+            "model": str(tiny_model("llava_next")),
+            "output_dir": str(tmp_path / "run"),
+            "data": {"train": str(write_split(tmp_path / "data", "train", 4, seed=1))},
+            "projector": "full",
+            "projector_lr": 1e-4,
+            "init_from": str(earlier),
+            "max_steps": 1,
+            "batch_size": 4,
+            "precision": "fp32",
+        },
+        callbacks=[start],
+    )
+    stored = load_file(earlier / "adapter_model.safetensors")[KEY]
+    torch.testing.assert_close(start.weights[KEY], stored, rtol=0, atol=0)
+    projector_group = next(names for lr, names in start.groups if lr == 1e-4)
+    assert KEY in projector_group
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one(tiny_model, tmp_path):
+    """Under FSDP2 the newline is a parameter of the root unit (sharded, gathered for the save, checked
+    shard by shard): two processes give the adapter one process gives, newline included."""
+    from test_train_multiprocess import adapter, config, torchrun
+    from vlmtune.demo import write_split
+    from vlmtune.training import run
+
+    base = tiny_model("llava_next")
+    data = write_split(tmp_path / "data", "train", 8, 0)
+    short = {"max_steps": 4, "save_steps": 2}
+    single = adapter(run(config(base, data, tmp_path / "single", **short)))
+    done = torchrun(tmp_path, config(base, data, tmp_path / "fsdp2", distributed="fsdp2", **short))
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = adapter(tmp_path / "fsdp2")
+    assert sorted(got) == sorted(single) and KEY in got
+    for key in single:
+        torch.testing.assert_close(got[key], single[key], rtol=0, atol=1e-5, msg=key)
+    assert (single[KEY] - base_model(base).model.image_newline.detach()).abs().max() > 1e-5
