@@ -207,7 +207,7 @@ def train(
             "--dry-run", help="list LoRA / fully trained modules by role with parameter counts, then exit"
         ),
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --dry-run or --estimate: print JSON")] = False,
     check: Annotated[
         bool,
         typer.Option(
@@ -218,12 +218,26 @@ def train(
         int | None,
         typer.Option(help="train in N processes on this machine (torchrun); see docs/distributed.md"),
     ] = None,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate", help="print the expected memory per rank (for --nproc N processes), then exit"
+        ),
+    ] = False,
 ) -> None:
     """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/).
     Works unchanged under `torchrun` and `accelerate launch` (`-m vlmtune train CONFIG`)."""
     from .. import training
 
     _console_logging()
+    if estimate:
+        if dry_run or check:
+            raise VlmtuneError("--estimate runs alone; drop --dry-run / --check (run them one at a time).")
+        from ..training.estimate import estimate as run_estimate
+
+        figures = run_estimate(config, overrides or [], nproc)
+        typer.echo(figures.to_json() if as_json else figures.render())
+        return
     if dry_run:
         plan = training.dry_run(config, overrides or [])
         typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())
