@@ -11,6 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from vlmtune import families
 from vlmtune.cli import app
 from vlmtune.config import ConfigError
 from vlmtune.demo import write_split
@@ -192,3 +193,25 @@ def test_a_token_budget_batch_is_as_many_longest_rows_as_it_holds(tiny_model, da
     one = estimate(cfg)
     budget = estimate({**cfg, "max_tokens_per_batch": 4 * one.sequence})
     assert budget.rows == 4 and budget.activations > 3 * one.activations
+
+
+def test_every_family_estimates_its_real_parameters_and_activations(tiny_model, family_name, data, tmp_path):
+    """Frozen bytes equal the parameters transformers loads from the folder (fp32 here, less the bare
+    parameters `projector: full` trains in place); every family has activations and vision tokens."""
+    from transformers import AutoModelForImageTextToText
+
+    folder = tiny_model(family_name)
+    est = estimate(config(folder, data, tmp_path / "run"))
+    loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32")
+    bare = families.get(family_name).bare_parameters  # trained in place under projector: full
+    frozen = sum(p.numel() * 4 for n, p in loaded.named_parameters() if n not in bare)
+    assert sum(est.frozen.values()) == frozen
+    assert est.activations > 0 and est.vision_tokens > 0 and est.logits > 0
+
+
+def test_a_bare_parameter_trained_in_place_is_not_also_counted_frozen(tiny_model, data, tmp_path):
+    """LLaVA-NeXT's image_newline: `projector: full` trains it in place (not a modules_to_save copy)."""
+    cfg = config(tiny_model("llava_next"), data, tmp_path / "run")
+    frozen = estimate({**cfg, "projector": "frozen", "language": "lora"})
+    full = estimate(cfg)
+    assert full.frozen["fp32"] < frozen.frozen["fp32"]  # image_newline moved from frozen to trainable

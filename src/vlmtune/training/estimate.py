@@ -185,7 +185,7 @@ def estimate(
     batch = longest_batch(cfg, processor, family, train, distributed.per_device_batch(cfg, world))
 
     quantized = quantized_linears(model, family) if cfg.quantization else set()
-    frozen = frozen_bytes(model, quantized, cfg.quantization, precision.dtype.itemsize)
+    frozen = frozen_bytes(model, quantized, cfg.quantization, precision.dtype.itemsize, plan.bare_parameters)
     trainable = plan.trainable_params * FP32
     vision = vision_tokens(model.config, batch)
     acts = block_activations(model, family, cfg, plan, batch["tokens"], vision, precision.dtype.itemsize)
@@ -254,9 +254,10 @@ def vision_tokens(config: Any, batch: dict[str, Any]) -> int:
     patch = getattr(vision, "patch_size", None)
     if pixels is None or not patch:
         return 0
+    area = patch[0] * patch[1] if isinstance(patch, (list, tuple)) else patch * patch
     channels = getattr(vision, "num_channels", None) or getattr(vision, "in_channels", None) or 3
     temporal = getattr(vision, "temporal_patch_size", None) or 1
-    return int(pixels.numel()) // (channels * patch * patch * temporal)
+    return int(pixels.numel()) // (channels * area * temporal)
 
 
 def quantized_linears(model: Any, family: families.Family) -> set[str]:
@@ -296,10 +297,15 @@ def storage_bytes(
     return {4: "fp32", 2: "bf16/fp16"}.get(itemsize, f"{itemsize}-byte"), numel * itemsize
 
 
-def frozen_bytes(model: Any, quantized: set[str], mode: str | None, itemsize: int) -> dict[str, int]:
-    """The base's parameters by storage kind."""
+def frozen_bytes(
+    model: Any, quantized: set[str], mode: str | None, itemsize: int, trained: Sequence[str] = ()
+) -> dict[str, int]:
+    """The base's parameters by storage kind; `trained`: bare parameters trained in place (counted as
+    trainable; a `modules_to_save` module keeps its frozen original beside the trained copy, so it stays)."""
     kinds: dict[str, int] = {}
     for name, param in model.named_parameters():
+        if name in trained:
+            continue
         kind, size = storage_bytes(name, param.numel(), param.shape[0], quantized, mode, itemsize)
         kinds[kind] = kinds.get(kind, 0) + size
     return kinds
