@@ -175,8 +175,8 @@ def test_a_key_peft_does_not_take_fails_the_load(qwen, monkeypatch):
     engine = load(base, device="cpu")
     state_dict = peft_bridge.peft_state_dict
 
-    def without_one(adapter):
-        state = state_dict(adapter)
+    def without_one(adapter, **kwargs):
+        state = state_dict(adapter, **kwargs)
         state.pop(next(k for k in state if k.endswith("lora_B.weight")))
         return state
 
