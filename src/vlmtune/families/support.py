@@ -49,6 +49,7 @@ def markdown() -> str:
         "| family | `model_type` | architecture | vision | projector | language model |",
         "|---|---|---|---|---|---|",
     ]
+    notes: list[str] = []
     features = [
         "| family | " + " | ".join(FEATURES) + " |",
         "|---|" + "---|" * len(FEATURES),
@@ -61,8 +62,19 @@ def markdown() -> str:
         types = ", ".join(f"`{t}`" for t in family.model_types)
         modules.append(f"| `{family.name}` | {types} | `{family.architecture}` | " + " | ".join(parts) + " |")
         row = support(family)
-        features.append(f"| `{family.name}` | " + " | ".join(row[f] for f in FEATURES) + " |")
-    return "\n".join([BEGIN, *modules, "", *features, END])
+        features.append(f"| `{family.name}` | " + " | ".join(_cell(row[f], notes) for f in FEATURES) + " |")
+    numbered = [f"{i}. {reason}" for i, reason in enumerate(notes, 1)]
+    return "\n".join([BEGIN, *modules, "", *features, "", *numbered, END])
+
+
+def _cell(value: str, notes: list[str]) -> str:
+    """A long "no: reason" becomes "no [n]" with the reason numbered under the table (kept readable)."""
+    if not value.startswith("no: ") or len(value) <= 24:
+        return value
+    reason = value[len("no: ") :]
+    if reason not in notes:
+        notes.append(reason)
+    return f"no [{notes.index(reason) + 1}]"
 
 
 if __name__ == "__main__":
