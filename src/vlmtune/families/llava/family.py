@@ -33,7 +33,7 @@ FAMILY = Family(
     architecture="LlavaForConditionalGeneration",
     block_lists=("model.language_model.layers", "model.vision_tower.encoder.layers"),
     role_prefixes=roles(
-        projector=("model.multi_modal_projector", "model.image_newline"),
+        projector="model.multi_modal_projector",
         vision="model.vision_tower",
         language="model.language_model",
     ),

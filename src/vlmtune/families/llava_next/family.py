@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..base import Family
+from ..base import Family, roles
 from ..llava import FAMILY as LLAVA
 
 FAMILY: Family = dataclasses.replace(
@@ -26,5 +26,10 @@ FAMILY: Family = dataclasses.replace(
     foreign_formats=(),
     packed_positions="",
     packing_unsupported="its anyres pixel_values are padded to the most patches per batch, which do not concatenate across samples",
+    role_prefixes=roles(
+        projector=("model.multi_modal_projector", "model.image_newline"),
+        vision="model.vision_tower",
+        language="model.language_model",
+    ),
     bare_parameters=("model.image_newline",),
 )
