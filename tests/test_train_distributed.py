@@ -56,6 +56,12 @@ QWEN = families.get("qwen2_vl")
             False,
             "8bit cannot be sharded",
         ),
+        (
+            {"distributed": "fsdp2", "lora.dora": "true", "batch_size": 2},
+            2,
+            False,
+            "DoRA reads the LoRA factors' weights outside",
+        ),
         ({"batch_size": 3}, 2, False, "must divide evenly over 2 processes"),
         ({"deepspeed": "ds.json"}, 2, False, "set distributed: zero2 or zero3"),
         (
@@ -145,4 +151,28 @@ def test_the_integrity_check_compares_what_was_written_with_the_live_parameters(
     tensors.pop(key)
     save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
     with pytest.raises(VlmtuneError, match="is missing"):
+        check_saved(peft, tmp_path / "a")
+
+
+def test_the_integrity_check_reads_the_fsdp_resume_file_too(tiny_model, tmp_path):
+    """Under FSDP a resume restores the trained weights from the Trainer's `pytorch_model_fsdp.bin`, not
+    from the adapter file: a slice missing there (rank 0's half only, accelerate PR #4206) fails the save."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.training.integrity import FSDP_WEIGHTS, check_saved, gather_adapter
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model("qwen2_vl"))
+    peft = get_peft_model(
+        model, LoraConfig(r=2, target_modules=QWEN.default_target_regex, init_lora_weights=False)
+    )
+    peft.save_pretrained(tmp_path / "a", state_dict=gather_adapter(peft))
+    full = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    torch.save(full, tmp_path / "a" / FSDP_WEIGHTS)
+    check_saved(peft, tmp_path / "a")  # equal: passes
+    key = next(k for k in full if "lora_B" in k)
+    full[key] = torch.cat([full[key].chunk(2)[0], torch.zeros_like(full[key].chunk(2)[1])])
+    torch.save(full, tmp_path / "a" / FSDP_WEIGHTS)
+    with pytest.raises(VlmtuneError, match=rf"{FSDP_WEIGHTS}: .*lora_B.*differs from the live parameter"):
         check_saved(peft, tmp_path / "a")

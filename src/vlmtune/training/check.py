@@ -53,7 +53,15 @@ def check_gradients(
     from .arguments import pick_precision
     from .batches import make_collator
     from .loss import supervised_token_loss
-    from .recipe import image_limits, load_model, load_processor, make_plan, prepare_data, wrap_peft
+    from .recipe import (
+        checkpoint_part,
+        image_limits,
+        load_model,
+        load_processor,
+        make_plan,
+        prepare_data,
+        wrap_peft,
+    )
 
     cfg = load_train_config(config, overrides)
     folder = checkpoint.resolve(cfg.model)
@@ -63,6 +71,10 @@ def check_gradients(
     torch.manual_seed(cfg.seed)
     base = load_model(folder, pick_precision(cfg.precision), cfg, family)
     model = wrap_peft(base, make_plan(base, family, cfg), cfg)
+    if cfg.gradient_checkpointing in ("language", "vision"):
+        checkpoint_part(model, family, cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:  # as the Trainer's activation_checkpointing argument does for `true`
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     collator = make_collator(cfg, processor, family, model, packed=False)
     rows = SampleDataset(train.samples)
     # A real batch, images first: the check is about what a batch with images reaches.

@@ -1,20 +1,24 @@
 """Multi-process training: the launch world, the strategy's Trainer arguments, and the preflight refusals.
 
 The strategies are the libraries' own: DDP and FSDP2 through transformers' Trainer and accelerate
-(`fsdp2_prepare_model`, `get_state_dict`), ZeRO-2/3 through DeepSpeed's config files. vlmtune only chooses:
-the family names its blocks (`Family.block_lists`) and each block's class becomes an FSDP2 unit, with the
-LoRA leaves inside a unit trained in fp32 (accelerate upcasts trainable parameters; FSDP2 needs a uniform
-dtype only among a group's trainable parameters).
+(`fsdp2_prepare_model`), ZeRO-2/3 through DeepSpeed's config files. vlmtune only chooses what FSDP2 wraps:
+each trained leaf (a LoRA factor, a `modules_to_save` copy: fp32) is a unit of its own, then each block the
+family names (`Family.block_lists`: decoder layers, vision blocks; the frozen base, e.g. bf16), then
+accelerate's embeddings/head and root units. So no FSDP2 unit mixes trained fp32 weights with the frozen
+base (as LLaMA-Factory and torchtune shard LoRA), and `check_wrapped` asserts that before the first step
+(run on CPU with a bf16 base in tests/test_train_multiprocess.py).
 
 One exception, on CPU only: accelerate never selects FSDP for `MULTI_CPU` (its FSDP switch lists GPU-like
 devices) and would run DDP instead without saying so. `enable_fsdp_on_cpu` flips exactly that switch after
-the Accelerator is built, so on CPU the same accelerate wrap, gather and save code runs as on GPUs, and
+the Accelerator is built (where accelerate records it itself, so checkpoint loading sees it too), so on CPU the same accelerate wrap, gather and save code runs as on GPUs, and
 `check_wrapped` asserts the wrapper type before the first step.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -79,6 +83,11 @@ def preflight(cfg: TrainConfig, world: World, cuda: bool, family: Family) -> Non
             raise ConfigError(
                 "quantization: 8bit cannot be sharded by FSDP2 (int8 weights); use quantization: 4bit (stored as "
                 "bf16 under FSDP2) or distributed: ddp."
+            )
+        if cfg.lora.dora:
+            raise ConfigError(
+                "lora.dora cannot be sharded by FSDP2 here: PEFT's DoRA reads the LoRA factors' weights outside "
+                "their forward, so they cannot be FSDP units of their own; set lora.dora: false or distributed: ddp."
             )
     if cfg.batch_size % world.size:
         raise ConfigError(
@@ -155,7 +164,104 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    # Where accelerate selects FSDP itself it records it in PartialState too (AcceleratorState.__init__), and
+    # every later `AcceleratorState()` re-reads it from there: without this, a resume's load_fsdp_model saw
+    # MULTI_CPU on rank 1 and skipped the broadcast rank 0 was in (a hang).
+    from accelerate.state import PartialState
+
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
+
+
+def trained_leaves(model: Any) -> list[Any]:
+    """The modules that hold only trained weights and run their own forward: each LoRA factor (the entries
+    of PEFT's `lora_A`/`lora_B`) and each `modules_to_save` copy. Under FSDP2 each is a unit of its own."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    leaves: list[Any] = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            leaves += [*module.lora_A.values(), *module.lora_B.values()]
+        elif isinstance(module, ModulesToSaveWrapper):
+            leaves += list(module.modules_to_save.values())
+    return [m for m in leaves if any(p.requires_grad for p in m.parameters())]
+
+
+@contextmanager
+def trained_leaves_own_units() -> Iterator[None]:
+    """While active, accelerate's FSDP2 wrap policy also picks the trained leaves.
+
+    accelerate 1.15 builds its FSDP2 policy from class names (`transformer_layer_cls_to_wrap`) or sizes only
+    (`fsdp2_prepare_auto_wrap_policy`; a lambda policy is ignored there), and a LoRA factor is a plain
+    `nn.Linear`, the class of the frozen layer beside it, so no class name can select it. This extends the
+    policy accelerate builds by those modules; the wrapping itself stays accelerate's (`fsdp2_prepare_model`:
+    bottom-up `fully_shard` with its mixed-precision, reshard and mesh settings, so leaves before blocks)."""
+    from accelerate.utils import fsdp_utils
+
+    blocks_policy = fsdp_utils.fsdp2_prepare_auto_wrap_policy
+
+    def policy(plugin: Any, model: Any) -> Any:
+        blocks = blocks_policy(plugin, model)
+        leaves = {id(m) for m in trained_leaves(model)}
+        return lambda module: id(module) in leaves or bool(blocks is not None and blocks(module))
+
+    fsdp_utils.fsdp2_prepare_auto_wrap_policy = policy
+    try:
+        yield
+    finally:
+        fsdp_utils.fsdp2_prepare_auto_wrap_policy = blocks_policy
+
+
+def unit_parameters(model: Any) -> dict[str, list[tuple[str, Any]]]:
+    """FSDP2 unit (module path, "" for the root) -> the (name, parameter) pairs it manages: those below it
+    and not below a nested unit (a parameter shared by two modules counts once, where it is first seen)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units: dict[str, list[tuple[str, Any]]] = {}
+    seen: set[int] = set()
+
+    def walk(module: Any, path: str, unit: str | None) -> None:
+        if isinstance(module, FSDPModule):
+            unit = path
+            units.setdefault(unit, [])
+        for name, param in module.named_parameters(recurse=False):
+            if unit is not None and id(param) not in seen:
+                seen.add(id(param))
+                units[unit].append((f"{path}.{name}" if path else name, param))
+        for name, child in module.named_children():
+            walk(child, f"{path}.{name}" if path else name, unit)
+
+    walk(model, "", None)
+    return units
+
+
+def unit_problems(model: Any) -> list[str]:
+    """Why the FSDP2 wrap is not as intended: a trained leaf that is no unit of its own, a unit that mixes
+    trained and frozen parameters, or trained parameters of several dtypes in one unit (empty: fine)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    path = {id(m): name for name, m in model.named_modules()}
+    problems = [
+        f"{path[id(m)]} ({type(m).__name__}) holds trained weights but is no FSDP unit of its own"
+        for m in trained_leaves(model)
+        if not isinstance(m, FSDPModule)
+    ]
+    for unit, params in unit_parameters(model).items():
+        trained = [(n, p) for n, p in params if p.requires_grad]
+        frozen = [(n, p) for n, p in params if not p.requires_grad]
+        where = unit or "the root"
+        if trained and frozen:
+            problems.append(
+                f"FSDP unit {where} mixes trained ({trained[0][0]}, {trained[0][1].dtype}) and frozen "
+                f"({frozen[0][0]}, {frozen[0][1].dtype}) parameters"
+            )
+        dtypes = sorted({str(p.dtype) for _, p in trained})
+        if len(dtypes) > 1:
+            problems.append(
+                f"FSDP unit {where} holds trained parameters of several dtypes ({', '.join(dtypes)})"
+            )
+    return problems
 
 
 def check_wrapped(model: Any, strategy: str) -> None:
@@ -168,6 +274,9 @@ def check_wrapped(model: Any, strategy: str) -> None:
             raise RuntimeError(
                 f"distributed: fsdp2 asked for, but the model is {type(model).__name__} ({len(units)} FSDP units)."
             )
+        problems = unit_problems(model)
+        if problems:
+            raise RuntimeError(f"distributed: fsdp2 wrapped the model wrongly: {'; '.join(problems[:3])}.")
     elif strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

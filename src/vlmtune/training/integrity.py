@@ -1,11 +1,12 @@
 """Every save counts only after it is re-read and compared with the live parameters.
 
-The written adapter file is read back on every process and each trainable parameter is compared with it:
-under FSDP2 each rank checks its own shard (the slice of the written tensor that `torch.chunk` gives its
-mesh position, as FSDP2 shards dim 0), so a gather that kept only rank 0's slice, wrote zeros for the rest
-(ZeRO-3's empty adapters, accelerate PR #4206) or mixed ranks up fails here, on every rank at once. Names go
-through PEFT's own `get_peft_model_state_dict` (plus the bare parameters, `adapters.save.adapter_state`), the
-mapping the save used.
+The written adapter file (and under FSDP the file a resume restores from, `pytorch_model_fsdp.bin`) is read
+back on every process and each trainable parameter is compared with it: under FSDP2 each rank checks its own
+shard (the slice of the written tensor that `torch.chunk` gives its mesh position, as FSDP2 shards dim 0),
+so a gather that kept only rank 0's slice, wrote zeros for the rest (ZeRO-3's empty adapters, accelerate PR
+#4206) or mixed ranks up fails here, on every rank at once. Names go through PEFT's own
+`get_peft_model_state_dict` (plus the bare parameters, `adapters.save.adapter_state`), the mapping the save
+used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from ..errors import VlmtuneError
 from ..io import DamagedFileError, read_file
 
 WEIGHTS = "adapter_model.safetensors"
+# What an FSDP resume restores the trained weights from (accelerate's `save_fsdp_model`, full state dict of the
+# trainable parameters, written by the Trainer next to the adapter): checked like the adapter file.
+FSDP_WEIGHTS = "pytorch_model_fsdp.bin"
 
 
 def local_trainable(peft_model: Any) -> dict[str, Any]:
@@ -49,6 +53,25 @@ def mismatches(peft_model: Any, folder: Path) -> list[str]:
         problem = compare(key, live, saved)
         if problem:
             problems.append(problem)
+    return problems + resume_mismatches(peft_model, folder)
+
+
+def resume_mismatches(peft_model: Any, folder: Path) -> list[str]:
+    """What differs between the FSDP resume file (if written) and the live trainable parameters."""
+    path = Path(folder) / FSDP_WEIGHTS
+    if not path.is_file():
+        return []
+    import torch
+
+    # The Trainer's own torch.save file; weights_only loads tensors and never runs code.
+    written = torch.load(path, map_location="cpu", weights_only=True)
+    problems = []
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad:
+            saved = written.get(name)
+            problem = f"{name} is missing" if saved is None else compare(name, param.detach(), saved)
+            if problem:
+                problems.append(f"{FSDP_WEIGHTS}: {problem}")
     return problems
 
 

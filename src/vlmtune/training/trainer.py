@@ -51,6 +51,14 @@ class VlmTrainer(Trainer):
 
             enable_fsdp_on_cpu(self)  # accelerate's CPU fallback to DDP, switched off (see distributed)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.strategy != "fsdp2":
+            return super().train(*args, **kwargs)
+        from .distributed import trained_leaves_own_units
+
+        with trained_leaves_own_units():  # accelerate wraps the model inside train (see distributed)
+            return super().train(*args, **kwargs)
+
     def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         from .batches import REAL_IMAGES
 
