@@ -238,22 +238,28 @@ def unit_parameters(model: Any) -> dict[str, list[tuple[str, Any]]]:
 
 def unit_problems(model: Any) -> list[str]:
     """Why the FSDP2 wrap is not as intended: a trained leaf that is no unit of its own, a unit that mixes
-    trained and frozen parameters, or trained parameters of several dtypes in one unit (empty: fine)."""
+    trained leaves' weights with frozen parameters, or trained parameters of several dtypes in one unit
+    (empty: fine). A bare trained parameter (LLaVA-NeXT's `image_newline`: no module of its own, its owner is
+    the whole model) can only sit in its owner's unit beside frozen ones; FSDP2 needs a uniform dtype only
+    among a unit's trained parameters, which is still checked."""
     from torch.distributed.fsdp import FSDPModule
 
     path = {id(m): name for name, m in model.named_modules()}
+    leaves = trained_leaves(model)
     problems = [
         f"{path[id(m)]} ({type(m).__name__}) holds trained weights but is no FSDP unit of its own"
-        for m in trained_leaves(model)
+        for m in leaves
         if not isinstance(m, FSDPModule)
     ]
+    in_leaves = {id(p) for m in leaves for p in m.parameters()}
     for unit, params in unit_parameters(model).items():
         trained = [(n, p) for n, p in params if p.requires_grad]
         frozen = [(n, p) for n, p in params if not p.requires_grad]
+        of_leaves = [(n, p) for n, p in trained if id(p) in in_leaves]
         where = unit or "the root"
-        if trained and frozen:
+        if of_leaves and frozen:
             problems.append(
-                f"FSDP unit {where} mixes trained ({trained[0][0]}, {trained[0][1].dtype}) and frozen "
+                f"FSDP unit {where} mixes trained ({of_leaves[0][0]}, {of_leaves[0][1].dtype}) and frozen "
                 f"({frozen[0][0]}, {frozen[0][1].dtype}) parameters"
             )
         dtypes = sorted({str(p.dtype) for _, p in trained})
