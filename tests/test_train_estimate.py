@@ -101,6 +101,34 @@ def test_fsdp2_per_rank_parameters_are_the_single_process_ones_over_n(tiny_model
     assert estimate(cfg, nproc=2).buckets == ddp.trainable  # ddp over 2: replicated + buckets
 
 
+def test_a_zero3_gpu_run_is_planned_from_a_machine_without_gpus(tiny_model, data, tmp_path):
+    """ZeRO needs CUDA to train, but its memory can be planned here: `--gpu` estimates for GPUs."""
+    cfg = {
+        **config(tiny_model("qwen2_vl"), data, tmp_path / "run"),
+        "distributed": "zero3",
+        "batch_size": 4,
+        "precision": "auto",
+    }
+    with pytest.raises(ConfigError, match=r"needs CUDA GPUs.*--estimate --gpu"):
+        estimate(cfg, nproc=4)
+    one = estimate({**cfg, "distributed": "ddp"}, nproc=1, gpu=True)
+    four = estimate(cfg, nproc=4, gpu=True)
+    assert (one.device, four.device, four.precision, four.runtime) == ("cuda", "cuda", "bf16", 0)
+    assert set(four.frozen) == {"bf16/fp16"}
+    assert four.frozen["bf16/fp16"] == pytest.approx(one.frozen["bf16/fp16"] / 4, abs=1)
+    for key in ("trainable", "gradients", "optimizer"):
+        assert getattr(four, key) == pytest.approx(getattr(one, key) / 4, abs=1)
+    path = tmp_path / "zero3.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["train", str(path), "--estimate", "--gpu", "--nproc", "4"])
+    assert result.exit_code == 0, result.output
+    assert "zero3" in result.output and "GPU" in result.output
+    refused = CliRunner().invoke(app, ["train", str(path), "--gpu"])
+    assert isinstance(refused.exception, VlmtuneError) and "--gpu goes with --estimate" in str(
+        refused.exception
+    )
+
+
 def test_4bit_frozen_weights_are_about_a_quarter_of_bf16(tiny_model, data, tmp_path):
     cfg = config(tiny_model("qwen2_vl"), data, tmp_path / "run", precision="bf16")
     plain = estimate(cfg)

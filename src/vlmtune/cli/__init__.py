@@ -224,6 +224,9 @@ def train(
             "--estimate", help="print the expected memory per rank (for --nproc N processes), then exit"
         ),
     ] = False,
+    gpu: Annotated[
+        bool, typer.Option("--gpu", help="with --estimate: for CUDA GPUs, even from a machine without one")
+    ] = False,
 ) -> None:
     """Train a LoRA adapter; writes the run dir (config.yaml, metrics.jsonl, loss.png, checkpoints/, adapter/).
     Works unchanged under `torchrun` and `accelerate launch` (`-m vlmtune train CONFIG`)."""
@@ -235,9 +238,11 @@ def train(
             raise VlmtuneError("--estimate runs alone; drop --dry-run / --check (run them one at a time).")
         from ..training.estimate import estimate as run_estimate
 
-        figures = run_estimate(config, overrides or [], nproc)
+        figures = run_estimate(config, overrides or [], nproc, gpu=True if gpu else None)
         typer.echo(figures.to_json() if as_json else figures.render())
         return
+    if gpu:
+        raise VlmtuneError("--gpu goes with --estimate (training uses the GPUs it finds).")
     if dry_run:
         plan = training.dry_run(config, overrides or [])
         typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else plan.render())

@@ -28,7 +28,9 @@ def pick_precision(requested: str, cuda: bool | None = None) -> Precision:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     name = requested
     if requested == "auto":
-        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        # A GPU named but absent (`--estimate --gpu` plans for one): today's training GPUs support bf16.
+        bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+        name = ("bf16" if bf16 else "fp16") if cuda else "fp32"
     if name == "fp16" and not cuda:
         raise ConfigError("precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU.")
     dtype = dtypes.torch_dtype(name)

@@ -45,8 +45,9 @@ def world() -> World:
     return World(int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")))
 
 
-def preflight(cfg: TrainConfig, world: World, cuda: bool, family: Family) -> None:
-    """Refuse, before anything is loaded or written, a setup whose strategy would not run as asked."""
+def preflight(cfg: TrainConfig, world: World, cuda: bool, family: Family, *, installed: bool = True) -> None:
+    """Refuse, before anything is loaded or written, a setup whose strategy would not run as asked
+    (`installed=False`: planning a run elsewhere, the strategy's packages need not be installed here)."""
     strategy = cfg.distributed
     if cfg.deepspeed and strategy not in ("zero2", "zero3"):
         raise ConfigError(
@@ -62,11 +63,11 @@ def preflight(cfg: TrainConfig, world: World, cuda: bool, family: Family) -> Non
         if not cuda:
             raise ConfigError(
                 f"distributed: {strategy} (DeepSpeed) needs CUDA GPUs; on CPU accelerate would quietly run DDP "
-                "instead. Use distributed: ddp or fsdp2 here."
+                "instead. Use distributed: ddp or fsdp2 here (to plan a GPU run from here: --estimate --gpu)."
             )
         import importlib.util
 
-        if importlib.util.find_spec("deepspeed") is None:
+        if installed and importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(f"distributed: {strategy} needs the deepspeed package: pip install deepspeed.")
     if strategy == "fsdp2":
         if not family.block_lists:

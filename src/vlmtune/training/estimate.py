@@ -162,9 +162,13 @@ def per_rank(parts: Parts, strategy: str, world_size: int) -> dict[str, Any]:
 
 
 def estimate(
-    config: TrainConfig | str | Path | dict[str, Any], overrides: Sequence[str] = (), nproc: int | None = None
+    config: TrainConfig | str | Path | dict[str, Any],
+    overrides: Sequence[str] = (),
+    nproc: int | None = None,
+    gpu: bool | None = None,
 ) -> MemoryEstimate:
-    """Estimate one rank's memory for `config` on `nproc` processes (default: this launch's world)."""
+    """Estimate one rank's memory for `config` on `nproc` processes (default: this launch's world), on this
+    machine's device, or on CUDA GPUs when `gpu` (a GPU run planned from a machine without one: ZeRO too)."""
     from ..modeling import meta_model
     from .arguments import pick_precision
     from .recipe import image_limits, load_processor, make_plan, prepare_data
@@ -176,8 +180,9 @@ def estimate(
     folder = checkpoint.resolve(cfg.model, allow_patterns=PROCESSOR_FILES)
     base_config = checkpoint.read_config(folder)
     family = families.detect(base_config)
-    precision = pick_precision(cfg.precision)
-    distributed.preflight(cfg, world, not precision.on_cpu, family)
+    precision = pick_precision(cfg.precision, cuda=gpu)
+    # Planning only: the packages a GPU run needs (deepspeed) need not be installed here.
+    distributed.preflight(cfg, world, not precision.on_cpu, family, installed=not gpu)
     processor = load_processor(folder, image_limits(cfg, family))
     train, _ = prepare_data(cfg, processor, family, world)
     model = meta_model(base_config)
