@@ -211,7 +211,9 @@ def test_estimate_is_within_a_quarter_of_measured_peaks(tiny_model, data, tmp_pa
     small = estimate(paths[1]).to_dict()
     print({"measured": measured, "estimated b8": big["total"], "runtime": big["runtime"]})
     assert big["total"] == pytest.approx(measured[8], rel=0.25)
-    assert (big["total"] - big["runtime"]) / measured[8] > 0.25  # the model's share is not negligible
+    # The model's share is not negligible: 28% on a long-lived venv, 23% on a fresh CI one, whose torch
+    # libraries add ~200 MB resident to every process (measured: `import torch` alone, 512 vs 708 MB).
+    assert (big["total"] - big["runtime"]) / measured[8] > 0.15
     estimated_difference = big["total"] - big["runtime"] - (small["total"] - small["runtime"])
     assert estimated_difference == pytest.approx(measured[8] - measured[1], rel=0.25)
 
