@@ -196,22 +196,33 @@ def trained_leaves_own_units() -> Iterator[None]:
     accelerate 1.15 builds its FSDP2 policy from class names (`transformer_layer_cls_to_wrap`) or sizes only
     (`fsdp2_prepare_auto_wrap_policy`; a lambda policy is ignored there), and a LoRA factor is a plain
     `nn.Linear`, the class of the frozen layer beside it, so no class name can select it. This extends the
-    policy accelerate builds by those modules; the wrapping itself stays accelerate's (`fsdp2_prepare_model`:
-    bottom-up `fully_shard` with its mixed-precision, reshard and mesh settings, so leaves before blocks)."""
+    policy accelerate builds by those modules, in `fsdp2_prepare_model` only: the wrapping itself stays
+    accelerate's (bottom-up `fully_shard` with its mixed-precision, reshard and mesh settings, so leaves before
+    blocks), and its activation checkpointing (`fsdp2_apply_ac`, which reads the same policy before) still
+    wraps blocks only."""
+    from accelerate import accelerator as accelerate_module
     from accelerate.utils import fsdp_utils
 
     blocks_policy = fsdp_utils.fsdp2_prepare_auto_wrap_policy
+    prepare = accelerate_module.fsdp2_prepare_model
 
     def policy(plugin: Any, model: Any) -> Any:
         blocks = blocks_policy(plugin, model)
         leaves = {id(m) for m in trained_leaves(model)}
         return lambda module: id(module) in leaves or bool(blocks is not None and blocks(module))
 
-    fsdp_utils.fsdp2_prepare_auto_wrap_policy = policy
+    def prepare_with_leaves(accelerator: Any, model: Any) -> Any:
+        fsdp_utils.fsdp2_prepare_auto_wrap_policy = policy
+        try:
+            return prepare(accelerator, model)
+        finally:
+            fsdp_utils.fsdp2_prepare_auto_wrap_policy = blocks_policy
+
+    accelerate_module.fsdp2_prepare_model = prepare_with_leaves
     try:
         yield
     finally:
-        fsdp_utils.fsdp2_prepare_auto_wrap_policy = blocks_policy
+        accelerate_module.fsdp2_prepare_model = prepare
 
 
 def unit_parameters(model: Any) -> dict[str, list[tuple[str, Any]]]:

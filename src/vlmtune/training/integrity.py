@@ -11,6 +11,8 @@ used.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,33 @@ WEIGHTS = "adapter_model.safetensors"
 # What an FSDP resume restores the trained weights from (accelerate's `save_fsdp_model`, full state dict of the
 # trainable parameters, written by the Trainer next to the adapter): checked like the adapter file.
 FSDP_WEIGHTS = "pytorch_model_fsdp.bin"
+# FSDP2's activation checkpointing (torch's CheckpointWrapper around each block) inserts this into the runtime
+# parameter names; state dicts drop it (torch's own hook), and so must every name we save or compare.
+_CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
+@contextmanager
+def plain_module_names(model: Any) -> Iterator[None]:
+    """While active, the blocks FSDP2's activation checkpointing put into torch's CheckpointWrapper sit in
+    their places unwrapped, so module and parameter names are the ones the adapter is saved under. PEFT picks
+    an adapter's tensors by module name (`get_peft_model_state_dict`), and under the wrapper every name
+    carries `_checkpoint_wrapped_module.`: the adapter was saved under keys no loader places. Only for a
+    gather, save or check: no forward runs meanwhile, and the parameters themselves do not move."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, CheckpointWrapper)]
+    for name, wrapper in wrapped:
+        model.set_submodule(name, wrapper._checkpoint_wrapped_module)
+    try:
+        yield
+    finally:
+        for name, wrapper in wrapped:
+            model.set_submodule(name, wrapper)
+
+
+def trained_parameters(model: Any) -> list[tuple[str, Any]]:
+    """(name as saved, parameter) for every trainable parameter of the live (possibly wrapped) model."""
+    return [(n.replace(_CHECKPOINT_WRAPPER, ""), p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def local_trainable(peft_model: Any) -> dict[str, Any]:
@@ -28,7 +57,7 @@ def local_trainable(peft_model: Any) -> dict[str, Any]:
     bare parameters trained in full included (`adapters.save.adapter_state`)."""
     from ..adapters.save import adapter_state
 
-    live = {name: p.detach() for name, p in peft_model.named_parameters() if p.requires_grad}
+    live = {name: p.detach() for name, p in trained_parameters(peft_model)}
     return adapter_state(peft_model, state_dict=live)
 
 
@@ -66,12 +95,11 @@ def resume_mismatches(peft_model: Any, folder: Path) -> list[str]:
     # The Trainer's own torch.save file; weights_only loads tensors and never runs code.
     written = torch.load(path, map_location="cpu", weights_only=True)
     problems = []
-    for name, param in peft_model.named_parameters():
-        if param.requires_grad:
-            saved = written.get(name)
-            problem = f"{name} is missing" if saved is None else compare(name, param.detach(), saved)
-            if problem:
-                problems.append(f"{FSDP_WEIGHTS}: {problem}")
+    for name, param in trained_parameters(peft_model):
+        saved = written.get(name)
+        problem = f"{name} is missing" if saved is None else compare(name, param.detach(), saved)
+        if problem:
+            problems.append(f"{FSDP_WEIGHTS}: {problem}")
     return problems
 
 
@@ -99,7 +127,8 @@ def compare(key: str, live: Any, saved: Any) -> str | None:
 
 def check_saved(peft_model: Any, folder: Path) -> None:
     """Raise on every process when any process finds a difference (all processes must call this)."""
-    problems = mismatches(peft_model, folder)
+    with plain_module_names(peft_model):
+        problems = mismatches(peft_model, folder)
     failed = _count_everywhere(len(problems))
     if failed:
         detail = "; ".join(problems[:3]) if problems else "another process found differences"
@@ -138,9 +167,7 @@ def gather_adapter(peft_model: Any) -> dict[str, Any]:
     from torch.distributed.tensor import DTensor
 
     out: dict[str, Any] = {}
-    for name, param in peft_model.named_parameters():
-        if not param.requires_grad:
-            continue
+    for name, param in trained_parameters(peft_model):
         if isinstance(param, DTensor):
             full = param.full_tensor()
         elif hasattr(param, "ds_id"):  # a ZeRO-3 partition
@@ -163,13 +190,14 @@ def save_checked(trainer: Any, processor: Any, manifest: Any, out: Path, main: b
     from ..adapters.save import add_bare, complete
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    state = gather_adapter(model)
     staging = out.with_name(f".{out.name}.staging")
-    if main:
-        if staging.exists():
-            shutil.rmtree(staging)
-        model.save_pretrained(staging, state_dict=state)
-        add_bare(model, staging, state)
+    with plain_module_names(model):
+        state = gather_adapter(model)
+        if main:
+            if staging.exists():
+                shutil.rmtree(staging)
+            model.save_pretrained(staging, state_dict=state)
+            add_bare(model, staging, state)
     barrier()
     check_saved(model, staging)
     if main:

@@ -40,7 +40,9 @@ class VlmTrainer(Trainer):
             dist.all_reduce(seen)
         self.real_images = 0
         if int(seen.item()) == 0:
-            for name, param in self.model.named_parameters():
+            from .integrity import trained_parameters
+
+            for name, param in trained_parameters(self.model):
                 if name in image_only:
                     param.grad = None
 
@@ -70,11 +72,13 @@ class VlmTrainer(Trainer):
         (`integrity.gather_adapter`), written by rank 0, then re-read by `CompleteCheckpoints`."""
         if not self.strategy:
             return super().save_model(output_dir, _internal_call)
-        from .integrity import gather_adapter
+        from .integrity import gather_adapter, plain_module_names
 
-        state = gather_adapter(self.accelerator.unwrap_model(self.model))
-        if self.args.should_save:
-            self._save(output_dir or self.args.output_dir, state_dict=state)
+        model = self.accelerator.unwrap_model(self.model)
+        with plain_module_names(model):  # the adapter's keys without activation checkpointing's prefix
+            state = gather_adapter(model)
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state)
         return None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
