@@ -35,7 +35,7 @@ DtypeOption = Annotated[str | None, typer.Option(help="auto (the checkpoint's) |
 DeviceOption = Annotated[
     str | None, typer.Option(help="cpu | cuda | cuda:N | auto (default: cuda if present)")
 ]
-QuantizationOption = Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes, CUDA only)")]
+QuantizationOption = Annotated[str | None, typer.Option(help="4bit | 8bit (bitsandbytes; CPU or CUDA)")]
 SampleOption = Annotated[bool, typer.Option(help="sample instead of greedy decoding")]
 TemperatureOption = Annotated[float | None, typer.Option(help="sampling temperature")]
 TopPOption = Annotated[float | None, typer.Option(help="nucleus sampling")]
