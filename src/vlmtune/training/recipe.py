@@ -153,7 +153,8 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
         )
         if procs.main:
             _plot(run_dir)
-    log.info("adapter written to %s", run_dir / rundir.ADAPTER)
+    if procs.main:
+        log.info("adapter written to %s", run_dir / rundir.ADAPTER)
     return run_dir
 
 
