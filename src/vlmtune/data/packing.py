@@ -8,7 +8,8 @@ mask, and the flash-attention path turns them into varlen `cu_seq_lens` (`_is_pa
 models take `[4, rows, L]` ids whose first row is the 1-D text position that marks the restarts; with only
 the 3 rotary rows they silently attend across samples (transformers #38007). The family declares which
 style it needs (`Family.packed_positions`); a family or attention kernel without an exact path is refused
-for `packing: on` and padded for `auto` (`choose`).
+for `packing: on` and padded for `auto` (`choose`); `auto` also pads rows of (nearly) one length, where
+packing has no padding to remove (`MIN_PADDING`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from .collate import IGNORE_INDEX, Collator, Item, add_logits_to_keep, flatten
 
 # Attention implementations whose packed path transformers builds from position ids (block mask or varlen).
 PACKABLE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+# `auto` packs only when padded batches would be at least this much padding: packing encodes each sample on
+# its own and SDPA still computes a packed row's whole (sum L)^2 attention, so rows of one length train
+# slower packed (the demo's uniform rows: 1.45x slower on CPU; docs/benchmarks.md).
+MIN_PADDING = 0.10
 
 
 class PackingError(VlmtuneError, ValueError):
@@ -34,6 +39,7 @@ class PackingError(VlmtuneError, ValueError):
 class PackingChoice:
     packed: bool
     message: str  # one line: what was chosen and why (logged once per run)
+    fallback: bool = False  # `auto` padded because packing would not be exact (a warning, not a choice)
 
 
 def unsupported_reason(family: Any, attention: str | None) -> str | None:
@@ -54,12 +60,35 @@ def attention_of(model_config: Any) -> str | None:
     return getattr(text, "_attn_implementation", None) or getattr(model_config, "_attn_implementation", None)
 
 
-def choose(mode: str, family: Any, model_config: Any) -> PackingChoice:
-    """Resolve `packing: auto|on|off` for a loaded model; `on` without an exact path is an error."""
+def padding_share(lengths: Sequence[int], rows_per_batch: int, seed: int = 0) -> float:
+    """The share of padding in padded batches of rows of these lengths, drawn in a seeded random order
+    (as the Trainer's sampler draws them)."""
+    import random
+
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    positions = real = 0
+    for start in range(0, len(order), max(1, rows_per_batch)):
+        batch = order[start : start + max(1, rows_per_batch)]
+        positions += max(batch) * len(batch)
+        real += sum(batch)
+    return 1 - real / positions if positions else 0.0
+
+
+def choose(mode: str, family: Any, model_config: Any, padding: float | None = None) -> PackingChoice:
+    """Resolve `packing: auto|on|off` for a loaded model; `on` without an exact path is an error. `padding`:
+    the share of padding padded batches of the run's rows would carry (`padding_share`); `auto` packs only
+    from `MIN_PADDING` on."""
     if mode == "off":
         return PackingChoice(False, "packing: off; batches are padded.")
     attention = attention_of(model_config)
     reason = unsupported_reason(family, attention)
+    if reason is None and mode == "auto" and padding is not None and padding < MIN_PADDING:
+        return PackingChoice(
+            False,
+            f"packing: auto pads: padded batches of these rows are {padding:.0%} padding, under the "
+            f"{MIN_PADDING:.0%} from which packing pays (packing: on packs anyway).",
+        )
     if reason is None:
         return PackingChoice(
             True,
@@ -68,7 +97,7 @@ def choose(mode: str, family: Any, model_config: Any) -> PackingChoice:
         )
     if mode == "on":
         raise PackingError(f"packing: on, but {reason}; set packing: auto (pads instead) or packing: off.")
-    return PackingChoice(False, f"packing: auto falls back to padded batches: {reason}.")
+    return PackingChoice(False, f"packing: auto falls back to padded batches: {reason}.", fallback=True)
 
 
 # -- position ids -------------------------------------------------------------------------------------------

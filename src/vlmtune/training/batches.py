@@ -13,12 +13,21 @@ from ..data import DataReport
 log = logging.getLogger("vlmtune.train")
 
 
-def choose_packing(cfg: TrainConfig, family: families.Family, model: Any) -> bool:
-    """Whether batches are packed (`packing: on` without an exact path raises before anything is written)."""
-    from ..data.packing import choose
+def choose_packing(
+    cfg: TrainConfig, family: families.Family, model: Any, train: DataReport, rows_per_batch: int
+) -> bool:
+    """Whether batches are packed (`packing: on` without an exact path raises before anything is written).
+    `auto` weighs the padding that batches of `rows_per_batch` random rows of the run would carry (token
+    budgets plan their own batches: not weighed)."""
+    from ..data.packing import choose, padding_share
 
-    choice = choose(cfg.packing, family, model.config)
-    (log.warning if cfg.packing == "auto" and not choice.packed else log.info)("%s", choice.message)
+    padding = None
+    if not cfg.max_tokens_per_batch:
+        cap = cfg.max_length or max(train.lengths.values(), default=0)
+        lengths = [min(n, cap) for n in train.lengths.values()]
+        padding = padding_share(lengths, rows_per_batch, cfg.seed) if lengths else None
+    choice = choose(cfg.packing, family, model.config, padding)
+    (log.warning if choice.fallback else log.info)("%s", choice.message)
     return choice.packed
 
 

@@ -80,7 +80,15 @@ def run(config: Config, overrides: Sequence[str] = (), callbacks: Sequence[Any] 
 
     set_seed(cfg.seed)
     model = load_model(folder, precision, cfg, family)
-    setup = Setup(cfg, run_dir, family, train, evaluation, precision, choose_packing(cfg, family, model))
+    setup = Setup(
+        cfg,
+        run_dir,
+        family,
+        train,
+        evaluation,
+        precision,
+        choose_packing(cfg, family, model, train, distributed.per_device_batch(cfg, procs)),
+    )
     rows = SampleDataset(train.samples, augment=cfg.augment)
     batches, rows_per_batch = planned_batches(cfg, rows, train, setup.packed)
     args = training_arguments(
