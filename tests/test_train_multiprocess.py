@@ -8,7 +8,7 @@ storage) under FSDP2 gives the single-process QLoRA adapter.
 
 FSDP2 on CPU runs accelerate's own FSDP2 path (`fsdp2_prepare_model`, wrap asserted before step 1): only
 accelerate's device gate is switched (see vlmtune.training.distributed). Slow: each launch costs the imports
-of two processes, so there are ten, on the tiny Qwen2-VL, 10 steps at most (2-4 min on 2 cores).
+of two processes, so there are eleven, on the tiny Qwen2-VL, 10 steps at most (2-4 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -174,11 +174,15 @@ def two(setup):
     base, data, root = setup
     made: dict[str, Path] = {}
 
-    def get(strategy: str, precision: str = "fp32", checkpointing: bool = False) -> Path:
-        name = f"{strategy}-{precision}" + ("-checkpointing" if checkpointing else "")
+    def get(
+        strategy: str, precision: str = "fp32", checkpointing: bool = False, packing: str = "auto"
+    ) -> Path:
+        name = f"{strategy}-{precision}" + ("-checkpointing" if checkpointing else "") + f"-{packing}"
         if name not in made:
             out = root / name
+            # `auto` pads here (one row per process: nothing to unpad); `on` runs the packed path
             extra = {"gradient_checkpointing": True} if checkpointing else {}
+            extra["packing"] = packing
             done = torchrun(root, config(base, data, out, distributed=strategy, precision=precision, **extra))
             assert done.returncode == 0, done.stderr[-3000:]
             made[name] = out
@@ -188,20 +192,21 @@ def two(setup):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "precision", "tol", "checkpointing"),
+    ("strategy", "precision", "tol", "checkpointing", "packing"),
     [
-        ("ddp", "fp32", 1e-5, False),
-        ("fsdp2", "fp32", 1e-5, False),
-        ("fsdp2", "bf16", BF16_TOL, False),
+        ("ddp", "fp32", 1e-5, False, "auto"),
+        ("ddp", "fp32", 1e-5, False, "on"),
+        ("fsdp2", "fp32", 1e-5, False, "auto"),
+        ("fsdp2", "bf16", BF16_TOL, False, "auto"),
         # FSDP's own activation checkpointing (blocks in torch's CheckpointWrapper, the trained leaves units
         # inside them): the same adapter, saved under the names without the wrapper's prefix.
-        ("fsdp2", "fp32", 1e-5, True),
+        ("fsdp2", "fp32", 1e-5, True, "auto"),
     ],
-    ids=["ddp", "fsdp2", "fsdp2-bf16", "fsdp2-checkpointing"],
+    ids=["ddp", "ddp-packed", "fsdp2", "fsdp2-bf16", "fsdp2-checkpointing"],
 )
-def test_two_processes_equal_one(setup, single, two, strategy, precision, tol, checkpointing):
+def test_two_processes_equal_one(setup, single, two, strategy, precision, tol, checkpointing, packing):
     root = setup[2]
-    out = two(strategy, precision, checkpointing)
+    out = two(strategy, precision, checkpointing, packing)
     assert_close(adapter(out), single(precision), tol, relative=precision == "bf16")
     manifest = json.loads((out / "adapter" / "vlmtune.json").read_text())
     assert manifest["training"]["world_size"] == 2 and manifest["training"]["steps"] == STEPS

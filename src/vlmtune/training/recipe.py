@@ -253,7 +253,7 @@ def load_model(folder: Path, precision: Precision, cfg: TrainConfig, family: fam
     from transformers import AutoModelForImageTextToText
 
     if not cfg.quantization:
-        return AutoModelForImageTextToText.from_pretrained(folder, dtype=precision.dtype)
+        return without_cache(AutoModelForImageTextToText.from_pretrained(folder, dtype=precision.dtype))
     from peft import prepare_model_for_kbit_training
 
     from ..infer import quant
@@ -269,7 +269,15 @@ def load_model(folder: Path, precision: Precision, cfg: TrainConfig, family: fam
         quantization_config=config,
         device_map={"": quant.train_device(precision.on_cpu)},
     )
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return without_cache(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+
+
+def without_cache(model: Any) -> Any:
+    """Training reads no KV cache, so none is built: it costs memory, and under FSDP2's activation
+    checkpointing each recompute appended its keys to it (keys twice the mask's length, a crash)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.use_cache = False
+    return model
 
 
 def checkpoint_part(model: Any, family: families.Family, role: str) -> None:
