@@ -24,7 +24,6 @@ from vlmtune.data.packing import (
     PackedCollator,
     PackingError,
     choose,
-    padding_share,
     positions_for,
 )
 from vlmtune.training.loss import supervised_token_loss
@@ -263,14 +262,6 @@ def test_attention_kernel_without_a_packed_mask_refuses_on(tiny_model):
     with pytest.raises(PackingError, match=re.escape("attention implementation 'paged|sdpa'")):
         choose("on", qwen, config)
     assert not choose("auto", qwen, config).packed
-
-
-def test_padding_share_of_random_padded_batches():
-    assert padding_share([7] * 16, 4) == 0  # one length: no padding to remove
-    assert padding_share([1, 3], 2) == pytest.approx(1 - 4 / 6)
-    assert padding_share([1, 3, 5, 9], 1) == 0  # one row per batch is never padded
-    varied = [10 * (i % 7 + 1) for i in range(64)]
-    assert padding_share(varied, 8, seed=0) == padding_share(varied, 8, seed=0) > 0.3
 
 
 def test_auto_packs_only_where_padded_batches_would_carry_padding(tiny_model):

@@ -144,3 +144,24 @@ def test_on_is_refused_before_anything_is_written(tiny_model, tmp_path):
     with pytest.raises(PackingError, match="packing: on, but mllama has no exact packed path"):
         run(config(tiny_model("mllama"), data, out, packing="on", batch_size=1))
     assert not out.exists()
+
+
+def test_auto_weighs_the_rows_packs_varied_ones_and_pads_rows_of_one_length(tiny_model, tmp_path, caplog):
+    """`auto` packs where padded batches of the run's rows would be padding (varied answers) and pads
+    where they would not (every row one image and a one-word answer): padding_stats of random batches."""
+    from vlmtune.demo import write_split
+
+    base = tiny_model("qwen2_vl")
+    chosen = {}
+    for name, data in {
+        "varied": varied_rows(tmp_path, 6),
+        "uniform": write_split(tmp_path / "u", "train", 6, 0),
+    }.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vlmtune.train"):
+            run_dir = run(config(base, data, tmp_path / name, max_steps=1, gradient_accumulation=1))
+        said = [r.getMessage() for r in caplog.records if "packing" in r.getMessage()]
+        chosen[name] = (read_manifest(run_dir / "adapter").training["packed"], said)
+    assert chosen["varied"][0] is True
+    packed, said = chosen["uniform"]
+    assert packed is False and len(said) == 1 and said[0].startswith("packing: auto pads: padded batches")

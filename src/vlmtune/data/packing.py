@@ -60,24 +60,9 @@ def attention_of(model_config: Any) -> str | None:
     return getattr(text, "_attn_implementation", None) or getattr(model_config, "_attn_implementation", None)
 
 
-def padding_share(lengths: Sequence[int], rows_per_batch: int, seed: int = 0) -> float:
-    """The share of padding in padded batches of rows of these lengths, drawn in a seeded random order
-    (as the Trainer's sampler draws them)."""
-    import random
-
-    order = list(lengths)
-    random.Random(seed).shuffle(order)
-    positions = real = 0
-    for start in range(0, len(order), max(1, rows_per_batch)):
-        batch = order[start : start + max(1, rows_per_batch)]
-        positions += max(batch) * len(batch)
-        real += sum(batch)
-    return 1 - real / positions if positions else 0.0
-
-
 def choose(mode: str, family: Any, model_config: Any, padding: float | None = None) -> PackingChoice:
     """Resolve `packing: auto|on|off` for a loaded model; `on` without an exact path is an error. `padding`:
-    the share of padding padded batches of the run's rows would carry (`padding_share`); `auto` packs only
+    the share of padding padded batches of the run's rows would carry (`batching.padding_stats`); `auto` packs only
     from `MIN_PADDING` on."""
     if mode == "off":
         return PackingChoice(False, "packing: off; batches are padded.")

@@ -19,13 +19,17 @@ def choose_packing(
     """Whether batches are packed (`packing: on` without an exact path raises before anything is written).
     `auto` weighs the padding that batches of `rows_per_batch` random rows of the run would carry (token
     budgets plan their own batches: not weighed)."""
-    from ..data.packing import choose, padding_share
+    from ..data.batching import padding_stats, plan_batches
+    from ..data.packing import choose
 
     padding = None
-    if not cfg.max_tokens_per_batch:
-        cap = cfg.max_length or max(train.lengths.values(), default=0)
+    if not cfg.max_tokens_per_batch and train.lengths:
+        cap = cfg.max_length or max(train.lengths.values())
         lengths = [min(n, cap) for n in train.lengths.values()]
-        padding = padding_share(lengths, rows_per_batch, cfg.seed) if lengths else None
+        padded = plan_batches(
+            lengths, max(1, rows_per_batch), cfg.seed
+        )  # random batches, as the sampler draws
+        padding = padding_stats(padded, lengths, packed=False)["padding_ratio"]
     choice = choose(cfg.packing, family, model.config, padding)
     (log.warning if choice.fallback else log.info)("%s", choice.message)
     return choice.packed
