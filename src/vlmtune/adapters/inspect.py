@@ -20,9 +20,10 @@ from .. import checkpoint, families
 from ..errors import VlmtuneError
 from ..families import Family, ForeignFormat
 from . import rules
+from .files import read_files
 from .layout import candidate_layouts, split_key
 from .manifest import made_for
-from .reader import base_values_from_folder, pattern_value, read_adapter, read_files
+from .reader import base_values_from_folder, pattern_value, read_adapter
 from .rules import declared_family
 
 # vLLM (0.33): `--max-lora-rank` takes one of these values and defaults to 16.

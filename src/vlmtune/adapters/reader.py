@@ -17,16 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import families
-from ..families import Family, ForeignFormat
-from ..io import TensorRecord, check_loader_files, read_json, read_tensors
+from ..families import Family
+from ..io import TensorRecord
 from . import rules
+from .files import read_files
 from .layout import AdapterError, Placement, place
-from .manifest import Manifest, made_for, read_manifest
+from .manifest import Manifest, made_for
 from .rules import Finding, Use
-
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -93,95 +90,6 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def find_weights(folder: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise AdapterError(
-        f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}); an intermediate checkpoint of some "
-        "tools stores them elsewhere: pass the folder that holds adapter_model.*."
-    )
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterError(f"{folder} has no {ADAPTER_CONFIG}; is it an adapter folder?")
-    return read_json(path, fix="restore the adapter_config.json saved with the weights")
-
-
-@dataclass
-class AdapterFiles:
-    """What an adapter folder holds, read but not yet placed on any base."""
-
-    folder: Path
-    format: str  # 'peft' or the foreign format's name
-    config: dict[str, Any]  # adapter_config.json
-    manifest: Manifest | None
-    files: list[Path]  # the tensor files read
-    tensors: dict[str, TensorRecord]  # every tensor by its key in the files
-    foreign_config: dict[str, Any]  # a foreign tool's config.json beside the adapter ({} otherwise)
-    # The foreign format the folder is written in and the family that declares it (None: PEFT standard).
-    foreign: ForeignFormat | None = None
-    foreign_family: Family | None = None
-
-
-def read_files(path: str | Path) -> AdapterFiles:
-    """Read an adapter folder's config, manifest and tensors. A folder in a foreign format a family
-    declares (told apart by its extra files or its config.json markers, never by the folder name) has its
-    extra tensor files (e.g. LLaVA's `non_lora_trainables.bin`) read beside the LoRA weights."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise AdapterError(f"adapter folder {folder} does not exist.")
-    config = read_config(folder)
-    # its processor/tokenizer configs are loaded later by predict and copied by merge: parse them now
-    check_loader_files(folder)
-    foreign_config, found = _foreign(folder)
-    owner, fmt = found if found else (None, None)
-    weights, *extras = files = tensor_files(folder)
-    tensors = dict(read_tensors(weights))
-    for extra in extras:
-        for key, t in read_tensors(extra).items():
-            if key in tensors:
-                raise AdapterError(f"{folder}: {key} is in both {weights.name} and {extra.name}.")
-            tensors[key] = t
-    return AdapterFiles(
-        folder,
-        fmt.format if fmt else "peft",
-        config,
-        read_manifest(folder),
-        files,
-        tensors,
-        foreign_config if fmt else {},
-        fmt,
-        owner,
-    )
-
-
-def _foreign(folder: Path) -> tuple[dict[str, Any], tuple[Family, ForeignFormat] | None]:
-    foreign_path = folder / "config.json"
-    foreign_config = read_json(foreign_path) if foreign_path.is_file() else {}
-    return foreign_config, families.foreign_format(folder, foreign_config)
-
-
-def tensor_files(folder: Path) -> list[Path]:
-    """The tensor files an adapter folder is read from: its weights, then a foreign format's extra files."""
-    _, found = _foreign(folder)
-    extras = [folder / name for name in (found[1].extra_files if found else ())]
-    return [find_weights(folder), *(f for f in extras if f.is_file())]
-
-
-def refuse_pickled(folder: str | Path, what: str) -> None:
-    """The servers' rule: never unpickle, not even with `weights_only`. `what` names the folder for the
-    message (the flag that gave it, or the path relative to --adapter-dir)."""
-    pickled = [f.name for f in tensor_files(Path(folder)) if f.suffix == ".bin"]
-    if pickled:
-        raise AdapterError(
-            f"{what} holds pickled weights ({', '.join(pickled)}), which a server never loads; re-save "
-            "them as safetensors (PEFT's save_pretrained writes adapter_model.safetensors) and pass that folder."
-        )
 
 
 def read_adapter(

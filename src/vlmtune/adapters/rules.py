@@ -21,7 +21,8 @@ from ..families import Family
 from ..io import read_json
 
 if TYPE_CHECKING:
-    from .reader import Adapter, AdapterFiles
+    from .files import AdapterFiles
+    from .reader import Adapter
 
 Use = Literal["unmerged", "merge", "inspect"]
 Verdict = Literal["refuse", "warn", "accept"]

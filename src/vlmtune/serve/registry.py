@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..adapters.files import refuse_pickled
 from ..adapters.inspect import inspect_adapter
 from ..adapters.layout import AdapterError
-from ..adapters.reader import refuse_pickled
 from ..infer.types import BASE, BASE_ALIASES
 from .errors import ApiError
 from .settings import ServeSettings

@@ -25,7 +25,7 @@ def serve(
     """Check the bind rule first (before loading anything), then load and serve until interrupted."""
     import uvicorn
 
-    from ..adapters.reader import refuse_pickled
+    from ..adapters.files import refuse_pickled
     from ..infer import load
     from .app import create_app
 

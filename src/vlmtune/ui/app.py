@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..adapters.reader import refuse_pickled
+from ..adapters.files import refuse_pickled
 from ..errors import VlmtuneError
 from ..infer.types import BASE
 from ..serve.errors import BodyLimit
